@@ -1,0 +1,129 @@
+"""Configuration models shared by the CLI, the router, the workers and the operator.
+
+One pydantic model per process kind. The operator renders these into a ConfigMap, ``tusk serve``
+builds them from flags, and each process validates what it receives before starting, so a bad
+setting fails at the edge with a readable message instead of deep inside the engine.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class Role(StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    BOTH = "both"
+
+
+class KVTierConfig(_Strict):
+    """Where the shared KV tier lives and how the worker uses it."""
+
+    url: str | None = Field(None, description="redis://, rediss:// or unix:// URL; None disables the tier")
+    host_cache_blocks: int = Field(256, ge=0, description="blocks kept in the worker's host (CPU) LRU cache")
+    write_through: bool = Field(True, description="prefill workers write new full blocks to the tier")
+    timeout_s: float = Field(2.0, gt=0, description="per-operation timeout; a timeout is a miss")
+    max_inflight_bytes: int = Field(256 << 20, gt=0, description="bound on queued background writes")
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(
+            ("redis://", "rediss://", "unix://", "valkey://", "valkeys://")
+        ):
+            raise ValueError(f"KV tier URL must start with redis://, rediss:// or unix://, got {url!r}")
+        return url
+
+
+class EngineConfig(_Strict):
+    """Knobs of the inference engine inside a worker."""
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, xpu, mps ...")
+    block_size: int = Field(16, ge=1, le=1024)
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV cache size; None = from memory")
+    kv_cache_memory_fraction: float = Field(0.85, gt=0, le=1)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    max_model_len: int | None = Field(None, ge=1)
+    kernel_backend: str | None = Field(None, description="force a tusk.kernels backend (torch, triton)")
+    seed: int = 0
+
+
+class WorkerConfig(_Strict):
+    model: str = Field(..., description="local folder, or hf://org/name")
+    served_model_name: str | None = None
+    role: Role = Role.BOTH
+    worker_id: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    engine: EngineConfig = EngineConfig()
+    kv_tier: KVTierConfig = KVTierConfig()
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+
+class WorkerEndpoint(_Strict):
+    address: str = Field(..., description="host:port of the worker's gRPC server")
+    role: Role = Role.BOTH
+
+
+class ModelRoute(_Strict):
+    """One model the router serves, and how to reach its workers."""
+
+    name: str
+    tokenizer: str = Field(..., description="folder holding tokenizer.json / tokenizer_config.json")
+    block_size: int = Field(16, ge=1)
+    max_model_len: int | None = None
+    workers: list[WorkerEndpoint] = []
+    kubernetes_selector: str | None = Field(
+        None, description="label selector for pods/EndpointSlices when discovering in a cluster"
+    )
+
+
+class RoutingConfig(_Strict):
+    policy: str = "cost"
+    disaggregation_threshold_tokens: int | None = Field(
+        None, ge=0, description="fixed override; None = tuned online"
+    )
+    kv_events: bool = True
+
+
+class RouterConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    models: list[ModelRoute] = []
+    routing: RoutingConfig = RoutingConfig()
+    max_queue: int = Field(1024, ge=1)
+    request_timeout_s: float = Field(600.0, gt=0)
+    max_body_bytes: int = Field(4 << 20, ge=1024)
+    api_keys: list[str] = []
+    kv_tier_url: str | None = None
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> RouterConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique, repeated: {dupes}")
+        return self
+
+
+class ServeConfig(_Strict):
+    """What ``tusk serve`` was asked for."""
+
+    model: str = "tiny"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    prefill: Annotated[int, Field(ge=0, le=64)] = 1
+    decode: Annotated[int, Field(ge=1, le=64)] = 1
+    kv_tier: str | None = None
+    kv_tier_maxmemory: str = "512mb"
+    engine: EngineConfig = EngineConfig()
