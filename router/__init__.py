@@ -1,0 +1,1 @@
+"""HTTP front door: OpenAI-compatible API, tokenization, discovery and routing."""

@@ -1,0 +1,1 @@
+"""Routing policies (filter -> score -> pick) shared by the router and the simulator."""

@@ -1,0 +1,1 @@
+"""Shared KV cache tier client (Redis/Valkey) and the worker-side host cache."""

@@ -1,0 +1,1 @@
+"""Inference worker: model loading, paged-KV engine, gRPC server."""
