@@ -1,0 +1,7 @@
+"""``python -m tusk`` is the ``tusk`` command."""
+
+import sys
+
+from tusk.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""Turning what a user typed (``tiny``, a folder, ``hf://org/name``) into a local model folder.
+
+Every process that needs model files (``tusk serve``, a worker, a router with a local tokenizer)
+resolves them here, so the rules and the error messages are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+HF_PREFIX = "hf://"
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+
+
+class ModelSourceError(ValueError):
+    """A model reference that cannot be served; the message is meant for the user as is."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    name: str  # the served model name by default: "tiny", the folder name, or the repo name
+
+
+def parse_hf_id(ref: str) -> tuple[str, str | None]:
+    """``hf://org/name[@revision]`` -> (repo id, revision)."""
+    body = ref[len(HF_PREFIX) :]
+    repo, _, revision = body.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ModelSourceError(f"invalid Hugging Face model id {ref!r}; expected hf://org/name[@revision]")
+    return repo, revision or None
+
+
+def resolve_model(ref: str, cache_dir: Path | None = None) -> ResolvedModel:
+    if ref == "tiny":
+        from tusk.tiny_model import tiny_model_dir
+
+        return ResolvedModel(tiny_model_dir(cache_dir), "tiny")
+    if ref.startswith(HF_PREFIX):
+        repo, revision = parse_hf_id(ref)
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise ModelSourceError(
+                f"{ref} needs the huggingface_hub package (pip install huggingface_hub) to download"
+            ) from None
+        try:
+            path = snapshot_download(
+                repo,
+                revision=revision,
+                token=os.environ.get("HF_TOKEN"),
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*"],
+            )
+        except Exception as exc:  # noqa: BLE001 - hub errors are many; report them in one line
+            raise ModelSourceError(f"cannot download {ref}: {type(exc).__name__}: {exc}") from None
+        return check_model_folder(Path(path), repo.split("/")[1])
+    return check_model_folder(Path(ref).expanduser(), None)
+
+
+def check_model_folder(path: Path, name: str | None) -> ResolvedModel:
+    if not path.is_dir():
+        raise ModelSourceError(
+            f"model folder {path} does not exist (use --model tiny, a folder, or hf://org/name)"
+        )
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelSourceError(f"{path} is not a Hugging Face model folder: config.json is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelSourceError(f"{config_path} is not valid JSON: {exc}") from None
+    archs = set(config.get("architectures") or [])
+    if not archs & SUPPORTED_ARCHITECTURES:
+        raise ModelSourceError(
+            f"{path}: architecture {sorted(archs) or 'unknown'} is not supported "
+            f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise ModelSourceError(f"{path} has no *.safetensors weights")
+    if not (path / "tokenizer.json").is_file():
+        raise ModelSourceError(f"{path} has no tokenizer.json (the router needs a fast tokenizer)")
+    return ResolvedModel(path.resolve(), name or path.resolve().name)
