@@ -113,7 +113,7 @@ class LocalDeployment:
         self.kv_server = None
         self.url = ""
 
-    def _spawn(self, name: str, module: str, cfg_json: str, timeout: float) -> dict:
+    def _spawn(self, name: str, module: str, cfg_json: str, timeout: float) -> Child:
         child = Child(
             name,
             python_module_argv(module, "--config-json", cfg_json),
