@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from tusk.operator import schema
 
 CRD_NAME = f"{schema.PLURAL}.{schema.GROUP}"
