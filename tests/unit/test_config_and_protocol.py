@@ -39,7 +39,9 @@ def test_serve_needs_a_decode_worker():
 def test_protocol_messages_are_generated():
     from tusk.protocol import pb, rpc
 
-    req = pb.GenerateRequest(request_id="r", prompt_token_ids=[1, 2], sampling=pb.SamplingParams(max_tokens=4))
+    req = pb.GenerateRequest(
+        request_id="r", prompt_token_ids=[1, 2], sampling=pb.SamplingParams(max_tokens=4)
+    )
     assert pb.GenerateRequest.FromString(req.SerializeToString()) == req
     assert not req.HasField("first_token")
     assert hasattr(rpc, "WorkerStub") and hasattr(rpc, "add_WorkerServicer_to_server")

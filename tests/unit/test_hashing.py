@@ -55,7 +55,11 @@ def test_stable_across_processes():
     code = "from tusk.hashing import block_hashes; print(block_hashes(list(range(32)), 16))"
     outputs = {
         subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": seed}
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": seed},
         ).stdout
         for seed in ("0", "1", "12345")
     }

@@ -33,7 +33,12 @@ def test_key_layout():
 
 @pytest.mark.parametrize(
     ("dtype", "shape", "itemsize"),
-    [("float32", (4, 2, 16, 2, 32), 4), ("bfloat16", (2, 2, 16, 8, 128), 2), ("float16", (3,), 2), ("uint8", (7, 1), 1)],
+    [
+        ("float32", (4, 2, 16, 2, 32), 4),
+        ("bfloat16", (2, 2, 16, 8, 128), 2),
+        ("float16", (3,), 2),
+        ("uint8", (7, 1), 1),
+    ],
 )
 def test_round_trip(dtype, shape, itemsize):
     n = itemsize
@@ -77,7 +82,10 @@ def _good() -> bytearray:
         (lambda v: v.__setitem__(-1, v[-1] ^ 0xFF), "checksum"),
         (lambda v: v.extend(b"\0"), "length"),
         (lambda v: v.__delitem__(slice(-4, None)), "length"),
-        (lambda v: v.__setitem__(slice(HEADER_FIXED_BYTES, HEADER_FIXED_BYTES + 4), struct.pack("<I", 3)), "shape"),
+        (
+            lambda v: v.__setitem__(slice(HEADER_FIXED_BYTES, HEADER_FIXED_BYTES + 4), struct.pack("<I", 3)),
+            "shape",
+        ),
         (lambda v: v.__delitem__(slice(5, None)), "shorter than a block header"),
     ],
 )
