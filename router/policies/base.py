@@ -77,6 +77,9 @@ class RequestOutcome:
     decode_tokens: int = 0
     decode_s: float | None = None
     ok: bool = True
+    # disaggregated only: first token (end of remote prefill) -> decode running on the decode
+    # worker, i.e. the KV handoff the request paid for being split. None when aggregated.
+    handoff_s: float | None = None
 
 
 class NoWorkerAvailable(RuntimeError):

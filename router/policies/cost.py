@@ -1,0 +1,207 @@
+"""tusk's ``cost`` policy: route by estimated time to first token, and split prefill from
+decode only when it pays.
+
+Per candidate worker ``w`` that could prefill the request::
+
+    cached_w  = max(local prefix match on w, prefix in the shared tier)      (blocks)
+    uncached  = prompt_tokens - cached_w * block_size
+    queue_s   = w.queued_prefill_tokens / rate_w
+    compute_s = uncached / rate_w + ceil((queued + uncached) / chunk_tokens) * w.decode_step_s
+    fetch_s   = (tier blocks beyond the local match) * tier_fetch_s_per_block
+    ttft_w    = max(queue_s, fetch_s) + compute_s     (the fetch overlaps the queue wait)
+
+``compute_s`` charges one decode step per prefill chunk because chunked prefill shares every
+engine step with the running decode batch.
+
+Decode worker (disaggregated clusters): the most free KV blocks (fraction) minus running load.
+
+Conditional disaggregation: the request stays aggregated (``decision.prefill is None``, the best
+decode-capable worker prefills for itself) when the uncached tokens there are below the
+threshold ``T``, or when the prefill pool is saturated (its best TTFT estimate is more than
+``saturation_ratio`` times the local one); otherwise the best prefill worker prefills and the
+decode worker above decodes.
+
+Self-tuning rule (online, from ``observe``)::
+
+    T = r_local * (o + m * s_decode)
+
+* ``r_local``: EWMA of observed prefill throughput of aggregated prefills (uncached tokens /
+  prefill seconds) -- how fast a decode worker gets through a local prefill.
+* ``o``: EWMA of the observed disaggregation overhead: the KV handoff (``handoff_s``) plus how
+  much longer disaggregated requests waited before prefill than aggregated ones (floored at 0).
+* ``s_decode``: EWMA of observed inter-token time (decode seconds / decode tokens).
+* ``m`` (``stall_budget_steps``): how many decode steps' worth of stall a local prefill may
+  cause before it is worth shipping away.
+
+Reading: a local prefill takes ``u / r_local`` seconds. If that is shorter than what going
+remote costs anyway (``o``) plus a stall the running decodes barely notice (``m`` steps), split
+serving cannot win, so keep it local. Directions: faster local prefill, costlier handoffs or
+slower decode steps raise ``T`` (more stays local); the reverse lowers it. ``T`` is clamped to
+``[min_threshold_tokens, max_threshold_tokens]``. A fixed ``disaggregation_threshold_tokens``
+overrides the rule (the statistics keep updating, but are not used).
+"""
+
+from __future__ import annotations
+
+import math
+
+from tusk.router.policies.base import RequestOutcome, RoutingDecision, RoutingRequest, WorkerState
+from tusk.router.policies.pools import split_pools
+from tusk.router.prefix_index import PrefixIndex
+
+
+class _Ewma:
+    __slots__ = ("alpha", "value", "samples")
+
+    def __init__(self, alpha: float, prior: float) -> None:
+        self.alpha = alpha
+        self.value = prior
+        self.samples = 0
+
+    def add(self, x: float) -> None:
+        self.value += self.alpha * (x - self.value)
+        self.samples += 1
+
+
+class CostPolicy:
+    name = "cost"
+
+    def __init__(
+        self,
+        index: PrefixIndex,
+        disaggregation_threshold_tokens: int | None = None,
+        default_prefill_tokens_per_s: float = 10_000.0,
+        chunk_tokens: int = 8192,
+        tier_fetch_s_per_block: float = 0.001,
+        stall_budget_steps: float = 4.0,
+        saturation_ratio: float = 2.0,
+        ewma_alpha: float = 0.05,
+        prior_overhead_s: float = 0.05,
+        prior_decode_step_s: float = 0.02,
+        min_threshold_tokens: int = 0,
+        max_threshold_tokens: int = 1 << 17,
+    ) -> None:
+        if disaggregation_threshold_tokens is not None and disaggregation_threshold_tokens < 0:
+            raise ValueError("disaggregation_threshold_tokens must be >= 0")
+        if default_prefill_tokens_per_s <= 0 or chunk_tokens <= 0:
+            raise ValueError("default_prefill_tokens_per_s and chunk_tokens must be > 0")
+        if not 0 < ewma_alpha <= 1:
+            raise ValueError("ewma_alpha must be in (0, 1]")
+        self.index = index
+        self.override = disaggregation_threshold_tokens
+        self.default_rate = default_prefill_tokens_per_s
+        self.chunk_tokens = chunk_tokens
+        self.tier_fetch_s_per_block = tier_fetch_s_per_block
+        self.stall_budget_steps = stall_budget_steps
+        self.saturation_ratio = saturation_ratio
+        self.min_threshold = min_threshold_tokens
+        self.max_threshold = max_threshold_tokens
+        self.local_rate = _Ewma(ewma_alpha, default_prefill_tokens_per_s)
+        self.handoff_s = _Ewma(ewma_alpha, prior_overhead_s)
+        self.wait_disagg_s = _Ewma(ewma_alpha, 0.0)
+        self.wait_agg_s = _Ewma(ewma_alpha, 0.0)
+        self.decode_step_s = _Ewma(ewma_alpha, prior_decode_step_s)
+
+    # ----------------------------------------------------------------- threshold
+    @property
+    def overhead_s(self) -> float:
+        return self.handoff_s.value + max(0.0, self.wait_disagg_s.value - self.wait_agg_s.value)
+
+    @property
+    def threshold_tokens(self) -> int:
+        if self.override is not None:
+            return self.override
+        t = self.local_rate.value * (self.overhead_s + self.stall_budget_steps * self.decode_step_s.value)
+        return int(min(self.max_threshold, max(self.min_threshold, t)))
+
+    def observe(self, outcome: RequestOutcome) -> None:
+        if not outcome.ok:
+            return
+        aggregated = outcome.decision.prefill is None
+        if outcome.prefill_s is not None and outcome.prefill_s > 0:
+            uncached = outcome.prompt_tokens - outcome.cached_tokens
+            if aggregated and uncached > 0:
+                self.local_rate.add(uncached / outcome.prefill_s)
+            if outcome.ttft_s is not None:
+                wait = max(0.0, outcome.ttft_s - outcome.prefill_s)
+                (self.wait_agg_s if aggregated else self.wait_disagg_s).add(wait)
+        if not aggregated and outcome.handoff_s is not None:
+            self.handoff_s.add(max(0.0, outcome.handoff_s))
+        if outcome.decode_s is not None and outcome.decode_tokens > 0:
+            self.decode_step_s.add(outcome.decode_s / outcome.decode_tokens)
+
+    # ----------------------------------------------------------------- routing
+    def _estimate(
+        self, w: WorkerState, request: RoutingRequest, local_blocks: int, tier_blocks: int
+    ) -> tuple[float, int]:
+        """(estimated TTFT seconds, uncached tokens) if ``w`` prefilled this request."""
+        rate = w.prefill_tokens_per_s if w.prefill_tokens_per_s > 0 else self.default_rate
+        fetched = max(0, tier_blocks - local_blocks)
+        cached_tokens = min(request.prompt_tokens, max(local_blocks, tier_blocks) * request.block_size)
+        uncached = request.prompt_tokens - cached_tokens
+        queued = w.queued_prefill_tokens
+        steps = math.ceil((queued + uncached) / self.chunk_tokens)
+        compute_s = uncached / rate + steps * w.decode_step_s
+        fetch_s = fetched * self.tier_fetch_s_per_block
+        return max(queued / rate, fetch_s) + compute_s, uncached
+
+    def route(self, request: RoutingRequest, workers: list[WorkerState]) -> RoutingDecision:
+        pools = split_pools(workers)
+        hashes = request.block_hashes
+        matches = self.index.match(hashes) if hashes else {}
+        tier = self.index.tier_match(hashes) if hashes else 0
+        scores: dict[str, float] = {}
+
+        best_local: tuple[float, float, int] | None = None
+        local_w = pools.decode[0]
+        local_uncached = request.prompt_tokens
+        for w in pools.decode:
+            ttft, uncached = self._estimate(w, request, matches.get(w.worker_id, 0), tier)
+            scores[w.worker_id] = ttft
+            free = w.free_blocks / w.total_blocks if w.total_blocks else 1.0
+            key = (ttft, -free, w.inflight)
+            if best_local is None or key < best_local:
+                best_local, local_w, local_uncached = key, w, uncached
+        local_ttft = scores[local_w.worker_id]
+
+        def aggregated(reason: str) -> RoutingDecision:
+            return RoutingDecision(
+                decode=local_w,
+                reason=reason,
+                expected_cached_tokens=request.prompt_tokens - local_uncached,
+                scores=scores,
+            )
+
+        if not pools.disaggregated:
+            return aggregated("cost: aggregated cluster")
+        threshold = self.threshold_tokens
+        if local_uncached < threshold:
+            return aggregated(f"cost: {local_uncached} uncached tokens < threshold {threshold}")
+
+        best_remote: tuple[float, int] | None = None
+        remote_w = pools.prefill[0]
+        remote_uncached = request.prompt_tokens
+        for w in pools.prefill:
+            ttft, uncached = self._estimate(w, request, matches.get(w.worker_id, 0), tier)
+            scores[w.worker_id] = ttft
+            key = (ttft, w.inflight)
+            if best_remote is None or key < best_remote:
+                best_remote, remote_w, remote_uncached = key, w, uncached
+        remote_ttft = scores[remote_w.worker_id]
+        if remote_ttft > self.saturation_ratio * max(local_ttft, 1e-3):
+            return aggregated(f"cost: prefill pool saturated ({remote_ttft:.3f}s vs {local_ttft:.3f}s local)")
+
+        max_running = max(w.running_requests for w in pools.decode)
+
+        def decode_score(w: WorkerState) -> tuple[float, int]:
+            free = w.free_blocks / w.total_blocks if w.total_blocks else 1.0
+            return (free - w.running_requests / (max_running + 1), -w.inflight)
+
+        decode = max(pools.decode, key=decode_score)
+        return RoutingDecision(
+            decode=decode,
+            prefill=remote_w,
+            reason=f"cost: disaggregated ({local_uncached} uncached >= threshold {threshold})",
+            expected_cached_tokens=request.prompt_tokens - remote_uncached,
+            scores=scores,
+        )

@@ -1,0 +1,213 @@
+"""Where each KV block lives: on which workers (device or host memory) and in the shared tier.
+
+The router asks one question per request: "for each worker, how many of this request's leading
+blocks does it already hold?". Block hashes are chained (``tusk.hashing``), so a block is only
+reusable when every block before it is too; the answer is therefore a longest *consecutive*
+prefix length per worker.
+
+Layout, chosen so that a lookup costs one dict probe and one integer AND per matched block, no
+matter how many workers exist:
+
+* ``_holders``: block hash -> bitset (a Python int) of worker slots holding it locally.
+  A lookup starts from the first block's bitset and ANDs in each next block's bitset; workers
+  whose bit drops out stop at that depth. The walk ends as soon as the candidate set is empty,
+  so a cold request costs a single probe.
+* ``_blocks[slot]``: an ``OrderedDict`` hash -> medium bits in LRU order, per worker. It lets
+  us remove a worker in O(its blocks), bounds memory per worker (LRU eviction past
+  ``max_blocks_per_worker``) and, in approximate mode, ages out guesses.
+* ``_tier``: an ``OrderedDict`` of hashes the shared tier holds, bounded the same way.
+
+Exact mode is fed by the workers' KV events (``apply_event``). Approximate mode (events off)
+calls ``record_route`` on each routing decision: the chosen worker will hold the request's
+blocks soon, and the per-worker LRU bound plays the part of the worker's own eviction.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+EventKind = Literal["stored", "removed", "cleared"]
+Medium = Literal["device", "host", "tier"]
+
+_MEDIUM_BITS = {"device": 1, "host": 2}
+EVENT_KINDS = ("stored", "removed", "cleared")
+MEDIA = ("device", "host", "tier")
+
+
+class PrefixIndex:
+    """Block locations for one model; see the module docstring for the layout."""
+
+    def __init__(
+        self,
+        max_blocks_per_worker: int = 1 << 20,
+        max_tier_blocks: int = 1 << 22,
+    ) -> None:
+        if max_blocks_per_worker < 1 or max_tier_blocks < 1:
+            raise ValueError("index capacities must be >= 1")
+        self.max_blocks_per_worker = max_blocks_per_worker
+        self.max_tier_blocks = max_tier_blocks
+        self._holders: dict[int, int] = {}
+        self._slots: dict[str, int] = {}
+        self._slot_ids: dict[int, str] = {}
+        self._free_slots: list[int] = []
+        self._blocks: dict[int, OrderedDict[int, int]] = {}
+        self._tier: OrderedDict[int, None] = OrderedDict()
+
+    # ----------------------------------------------------------------- bookkeeping
+    def _slot(self, worker_id: str) -> int:
+        slot = self._slots.get(worker_id)
+        if slot is None:
+            slot = self._free_slots.pop() if self._free_slots else len(self._slots)
+            self._slots[worker_id] = slot
+            self._slot_ids[slot] = worker_id
+            self._blocks[slot] = OrderedDict()
+        return slot
+
+    def _add(self, slot: int, h: int, bits: int) -> None:
+        blocks = self._blocks[slot]
+        old = blocks.get(h)
+        if old is None:
+            blocks[h] = bits
+            self._holders[h] = self._holders.get(h, 0) | (1 << slot)
+            if len(blocks) > self.max_blocks_per_worker:
+                victim, _ = blocks.popitem(last=False)
+                self._drop_holder(victim, slot)
+        else:
+            blocks[h] = old | bits
+            blocks.move_to_end(h)
+
+    def _drop_holder(self, h: int, slot: int) -> None:
+        mask = self._holders.get(h, 0) & ~(1 << slot)
+        if mask:
+            self._holders[h] = mask
+        else:
+            self._holders.pop(h, None)
+
+    def _remove(self, slot: int, h: int, bits: int) -> None:
+        blocks = self._blocks[slot]
+        old = blocks.get(h)
+        if old is None:
+            return
+        left = old & ~bits
+        if left:
+            blocks[h] = left
+        else:
+            del blocks[h]
+            self._drop_holder(h, slot)
+
+    # ----------------------------------------------------------------- updates
+    def apply_event(self, worker_id: str, kind: str, medium: str, hashes: Iterable[int]) -> None:
+        """Apply one KV event. ``medium="tier"`` events describe the shared tier; ``worker_id``
+        is then only the reporter. Events are idempotent: storing a held block or removing a
+        missing one is a no-op (events may be replayed after a reconnect)."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"unknown KV event kind {kind!r}; expected one of {EVENT_KINDS}")
+        if medium not in MEDIA:
+            raise ValueError(f"unknown KV medium {medium!r}; expected one of {MEDIA}")
+        if medium == "tier":
+            self._apply_tier(kind, hashes)
+            return
+        bits = _MEDIUM_BITS[medium]
+        slot = self._slot(worker_id)
+        if kind == "stored":
+            for h in hashes:
+                self._add(slot, h, bits)
+        elif kind == "removed":
+            for h in hashes:
+                self._remove(slot, h, bits)
+        else:  # cleared: everything this worker held in that medium
+            for h in [h for h, b in self._blocks[slot].items() if b & bits]:
+                self._remove(slot, h, bits)
+
+    def _apply_tier(self, kind: str, hashes: Iterable[int]) -> None:
+        tier = self._tier
+        if kind == "stored":
+            for h in hashes:
+                if h in tier:
+                    tier.move_to_end(h)
+                else:
+                    tier[h] = None
+                    if len(tier) > self.max_tier_blocks:
+                        tier.popitem(last=False)
+        elif kind == "removed":
+            for h in hashes:
+                tier.pop(h, None)
+        else:
+            tier.clear()
+
+    def record_route(self, worker_id: str, hashes: Sequence[int]) -> None:
+        """Approximate mode: assume ``worker_id`` now holds these blocks (it is about to compute
+        or receive them). The per-worker LRU bound stands in for the worker's eviction."""
+        slot = self._slot(worker_id)
+        for h in hashes:
+            self._add(slot, h, 1)
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker that left (scaled down, crashed, unhealthy for too long)."""
+        slot = self._slots.pop(worker_id, None)
+        if slot is None:
+            return
+        for h in self._blocks.pop(slot):
+            self._drop_holder(h, slot)
+        del self._slot_ids[slot]
+        self._free_slots.append(slot)
+
+    # ----------------------------------------------------------------- queries
+    def match(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Longest consecutive-prefix match, in blocks, per worker (device + host). Workers
+        with no match are absent."""
+        result: dict[str, int] = {}
+        n = len(hashes)
+        if n == 0:
+            return result
+        holders = self._holders
+        cand = holders.get(hashes[0], 0)
+        depth = 1
+        while cand and depth < n:
+            nxt = cand & holders.get(hashes[depth], 0)
+            if nxt != cand:
+                self._emit(cand ^ nxt, depth, result)
+            cand = nxt
+            depth += 1
+        if cand:
+            self._emit(cand, depth, result)
+        return result
+
+    def _emit(self, mask: int, depth: int, result: dict[str, int]) -> None:
+        ids = self._slot_ids
+        while mask:
+            low = mask & -mask
+            result[ids[low.bit_length() - 1]] = depth
+            mask ^= low
+
+    def tier_match(self, hashes: Sequence[int]) -> int:
+        """How many leading blocks the shared tier holds."""
+        tier = self._tier
+        n = 0
+        for h in hashes:
+            if h not in tier:
+                break
+            n += 1
+        return n
+
+    def worker_blocks(self, worker_id: str) -> int:
+        slot = self._slots.get(worker_id)
+        return 0 if slot is None else len(self._blocks[slot])
+
+    def holds(self, worker_id: str, h: int) -> bool:
+        slot = self._slots.get(worker_id)
+        return slot is not None and h in self._blocks[slot]
+
+    @property
+    def workers(self) -> list[str]:
+        return list(self._slots)
+
+    @property
+    def tier_blocks(self) -> int:
+        return len(self._tier)
+
+    def __len__(self) -> int:
+        """Distinct blocks held by at least one worker."""
+        return len(self._holders)
