@@ -1,0 +1,63 @@
+"""Per-row randomness for sampling, independent of batch composition.
+
+A seeded row draws its single uniform number from a generator seeded by a stable mix of
+(seed, step). The token is then a deterministic function of (logits, parameters, seed, step), so a
+prefill worker and a decode worker (or two batch layouts, or two backends) pick the same token.
+Sampling is inverse-CDF over the filtered distribution in vocabulary order, which needs one
+random number per row instead of one per vocabulary entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters. top_k 0 and top_p 0 or >= 1 mean disabled; temperature 0 = greedy."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    seeds: list[int | None]
+    steps: list[int]
+
+    def __post_init__(self) -> None:
+        n = self.temperature.shape[0]
+        lengths = {
+            "top_p": self.top_p.shape[0],
+            "top_k": self.top_k.shape[0],
+            "seeds": len(self.seeds),
+            "steps": len(self.steps),
+        }
+        wrong = {k: v for k, v in lengths.items() if v != n}
+        if wrong:
+            raise ValueError(f"SamplingBatch: temperature has {n} rows but {wrong}")
+
+
+_process_generator = torch.Generator()
+_process_generator.seed()
+
+
+def mix_seed(seed: int, step: int) -> int:
+    """A stable 63-bit generator seed for (seed, step); no Python hash(), same on every machine."""
+    digest = hashlib.blake2b(f"tusk-sample:{seed}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def row_uniform(batch: SamplingBatch, row: int) -> float:
+    """U[0, 1) for one row: from (seed, step) when seeded, else the process-wide generator."""
+    seed = batch.seeds[row]
+    if seed is None:
+        generator = _process_generator
+    else:
+        generator = torch.Generator().manual_seed(mix_seed(int(seed), int(batch.steps[row])))
+    return float(torch.rand(1, generator=generator, dtype=torch.float64))
+
+
+def reseed_process_generator(seed: int) -> None:
+    """Make unseeded rows reproducible within a process (EngineConfig.seed)."""
+    _process_generator.manual_seed(seed)
