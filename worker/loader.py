@@ -1,0 +1,228 @@
+"""Load a Hugging Face checkpoint folder into plain tensors, without transformers.
+
+Workers must start fast and with few dependencies, so the config is read as JSON and the weights
+come straight from safetensors. Both config dialects are accepted: the classic one
+(``rope_theta`` / ``rope_scaling`` / ``torch_dtype``) and the transformers 5 one
+(``rope_parameters`` / ``dtype``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class ModelLoadError(ValueError):
+    """The model folder cannot be served; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture facts the engine needs, normalised across config dialects."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    checkpoint_dtype: str
+    eos_token_ids: tuple[int, ...]
+    sliding_window: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any], generation_config: dict[str, Any] | None = None
+    ) -> ModelSpec:
+        archs = config.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            model_type = config.get("model_type")
+            by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+            arch = by_type.get(model_type) if not archs else None
+        if arch is None:
+            raise ModelLoadError(
+                f"unsupported architecture {archs or config.get('model_type')!r}; "
+                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        if config.get("hidden_act", "silu") != "silu":
+            raise ModelLoadError(f"unsupported hidden_act {config['hidden_act']!r}; only silu is supported")
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        rope = dict(config.get("rope_parameters") or {})
+        theta = float(rope.pop("rope_theta", config.get("rope_theta", 10000.0)))
+        scaling = rope or config.get("rope_scaling")
+        if scaling:
+            scaling = dict(scaling)
+            scaling.setdefault("rope_type", scaling.get("type", "default"))
+            if scaling["rope_type"] == "default":
+                scaling = None
+        family = SUPPORTED_ARCHITECTURES[arch]
+        window = config.get("sliding_window")
+        if family == "qwen2" and not config.get("use_sliding_window", False):
+            window = None
+        return cls(
+            architecture=arch,
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
+            checkpoint_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+            eos_token_ids=_eos_ids(config, generation_config),
+            sliding_window=int(window) if window else None,
+            raw=config,
+        )
+
+
+def _eos_ids(config: dict[str, Any], generation_config: dict[str, Any] | None) -> tuple[int, ...]:
+    ids: list[int] = []
+    for source in (generation_config or {}, config):
+        eos = source.get("eos_token_id")
+        for tok in eos if isinstance(eos, list) else [eos]:
+            if isinstance(tok, int) and tok not in ids:
+                ids.append(tok)
+    return tuple(ids)
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local folder for ``model``: the folder itself, or an ``hf://org/name[@revision]`` snapshot."""
+    if model.startswith("hf://"):
+        repo, _, revision = model[len("hf://") :].partition("@")
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise ModelLoadError(f"hf:// model ids look like hf://org/name[@revision], got {model!r}")
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"{model!r} needs the huggingface_hub package (pip install huggingface_hub), "
+                "or download the model and pass its local folder"
+            ) from exc
+        try:
+            path = snapshot_download(
+                repo,
+                revision=revision or None,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"],
+            )
+        except Exception as exc:  # noqa: BLE001 - any hub failure is a load error with context
+            raise ModelLoadError(f"could not download {model!r} from the Hugging Face Hub: {exc}") from exc
+        return Path(path)
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model folder {model!r} does not exist (expected a local folder or hf://org/name)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model folder {str(path)!r} has no config.json")
+    return path
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_spec(folder: Path) -> ModelSpec:
+    config = read_json(folder / "config.json")
+    if config is None:
+        raise ModelLoadError(f"model folder {str(folder)!r} has no config.json")
+    try:
+        return ModelSpec.from_config(config, read_json(folder / "generation_config.json"))
+    except KeyError as exc:
+        raise ModelLoadError(f"config.json in {str(folder)!r} lacks required field {exc}") from exc
+
+
+def choose_dtype(requested: str, spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """``auto`` keeps the checkpoint's dtype, except half types on CPU, where float32 is faster and exact."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    dtype = _DTYPES.get(spec.checkpoint_dtype, torch.float32)
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = read_json(folder / "model.safetensors.index.json")
+    if index is not None:
+        names = sorted(set(index.get("weight_map", {}).values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ModelLoadError(f"shards listed in model.safetensors.index.json are missing: {missing}")
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"model folder {str(folder)!r} has no *.safetensors weights")
+    return files
+
+
+def load_weights(folder: Path, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, converted to ``dtype`` on ``device``."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                tensors[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+    return tensors
+
+
+def model_digest(folder: Path) -> str:
+    """A stable identity for the fingerprint of KV blocks: config plus weight file names and sizes.
+
+    Hashing all weight bytes would cost seconds on big checkpoints; config, shard sizes and the
+    first and last 64 KiB of every shard separate any two checkpoints a deployment could mix up,
+    yet the digest does not depend on where the folder lives.
+    """
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    h.update((folder / "config.json").read_bytes())
+    for file in weight_files(folder):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size};".encode())
+        with open(file, "rb") as f:
+            h.update(f.read(1 << 16))
+            f.seek(max(0, size - (1 << 16)))
+            h.update(f.read(1 << 16))
+    return h.hexdigest()

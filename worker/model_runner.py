@@ -1,0 +1,101 @@
+"""Turn one scheduled step into tensors, run the model, sample.
+
+The runner is the only place that knows the token layout of a step (decodes first, then prefill
+chunks) and how block tables become cache slots, so the scheduler can stay pure bookkeeping.
+"""
+
+from __future__ import annotations
+
+import torch
+import tusk.kernels as K
+from tusk.worker.models.llama import AttentionMetadata, LlamaModel
+from tusk.worker.scheduler import ScheduledSeq
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = model.device
+
+    def run(self, batch: list[ScheduledSeq]) -> list[int | None]:
+        """The token sampled for each scheduled sequence (None where its chunk ends mid-prompt)."""
+        decodes = [i for i, s in enumerate(batch) if s.num_tokens == 1]
+        prefills = [i for i, s in enumerate(batch) if s.num_tokens != 1]
+        order = decodes + prefills
+        bs = self.block_size
+
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        sampled_items: list[int] = []
+        cu = [0]
+        for i in order:
+            item = batch[i]
+            seq, start = item.seq, item.seq.num_computed
+            end = start + item.num_tokens
+            input_ids += seq.tokens[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            cu.append(cu[-1] + item.num_tokens)
+            if item.samples:
+                logits_rows.append(len(input_ids) - 1)
+                sampled_items.append(i)
+
+        dev = self.device
+        nd = len(decodes)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decodes=nd,
+            decode_context_lens=None,
+            decode_block_tables=None,
+            prefill_cu_seqlens=None,
+            prefill_context_lens=None,
+            prefill_block_tables=None,
+        )
+        if decodes:
+            meta.decode_context_lens, meta.decode_block_tables = self._tables([batch[i] for i in decodes])
+        if prefills:
+            meta.prefill_context_lens, meta.prefill_block_tables = self._tables([batch[i] for i in prefills])
+            prefill_cu = [c - cu[nd] for c in cu[nd:]]
+            meta.prefill_cu_seqlens = torch.tensor(prefill_cu, dtype=torch.int32, device=dev)
+
+        results: list[int | None] = [None] * len(batch)
+        logits = self.model.forward(
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            meta,
+            self.kv_cache,
+            torch.tensor(logits_rows, dtype=torch.int64, device=dev),
+        )
+        if sampled_items:
+            tokens = K.sample(logits, self._sampling_batch([batch[i] for i in sampled_items])).tolist()
+            for i, tok in zip(sampled_items, tokens, strict=True):
+                results[i] = int(tok)
+        return results
+
+    def _tables(self, items: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
+        context = [s.seq.num_computed + s.num_tokens for s in items]
+        width = max(len(s.seq.block_table) for s in items)
+        rows = [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in items]
+        dev = self.device
+        return (
+            torch.tensor(context, dtype=torch.int32, device=dev),
+            torch.tensor(rows, dtype=torch.int32, device=dev),
+        )
+
+    def _sampling_batch(self, items: list[ScheduledSeq]) -> K.SamplingBatch:
+        params = [s.seq.sampling for s in items]
+        dev = self.device
+        return K.SamplingBatch(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
+            top_p=torch.tensor(
+                [p.top_p if 0 < p.top_p <= 1 else 1.0 for p in params], dtype=torch.float32, device=dev
+            ),
+            top_k=torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.int32, device=dev),
+            seeds=[p.seed for p in params],
+            steps=[s.seq.num_outputs for s in items],
+        )

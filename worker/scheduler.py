@@ -1,0 +1,261 @@
+"""Continuous batching with chunked prefill, prefix caching and preemption by recompute.
+
+Each step the scheduler picks, under a token budget, which sequences compute how many tokens:
+running sequences first (decodes cost one token, unfinished prefills continue in chunks), then
+waiting sequences in arrival order while blocks, budget and the sequence cap allow. Requests join
+and leave between steps, so a long prompt never stalls the decodes of others for more than one
+chunk.
+
+When a running sequence needs a block and none is free, the newest running sequence is preempted:
+its blocks are released (its full blocks stay cached, so re-admission usually hits them) and it
+goes back to the front of the queue to be recomputed later. Nothing is ever overwritten while
+referenced, so preemption costs time, never correctness.
+
+With a KV tier connector, a waiting sequence whose prefix is not cached locally first reserves
+blocks and asks the tier to fill them (``LOADING_KV``); the engine keeps stepping others meanwhile.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections import deque
+from dataclasses import dataclass
+
+from tusk.worker.block_manager import BlockManager
+from tusk.worker.connector import KvConnector
+from tusk.worker.sequence import FinishReason, SeqStatus, Sequence
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens to compute this step, starting at seq.num_computed
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the sequence, so a token is sampled after it."""
+        return self.seq.num_computed + self.num_tokens == len(self.seq.tokens)
+
+
+@dataclass
+class _Loading:
+    seq: Sequence
+    future: concurrent.futures.Future[int]
+    first_block: int  # index in the block table of the first block being loaded
+    hashes: list[int]
+    aborted: bool = False
+
+
+class Scheduler:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        connector: KvConnector | None = None,
+    ) -> None:
+        self.blocks = blocks
+        self.block_size = blocks.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.connector = connector
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.loading: list[_Loading] = []
+        self.num_preemptions = 0
+        self.cache_hit_tokens = 0
+        self.cache_query_tokens = 0
+        self.tier_hit_tokens = 0
+
+    # -- membership ------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.loading)
+
+    @property
+    def num_queued_tokens(self) -> int:
+        return sum(s.num_uncomputed for s in self.waiting) + sum(
+            len(item.seq.tokens) for item in self.loading
+        )
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Stop a request wherever it is; its blocks are released (after an in-flight tier load)."""
+        for seq in list(self.waiting):
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                self._release(seq)
+                return self._finish(seq, FinishReason.ABORT)
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.running.remove(seq)
+                self._release(seq)
+                return self._finish(seq, FinishReason.ABORT)
+        for item in self.loading:
+            if item.seq.request_id == request_id and not item.aborted:
+                # The tier may still be writing into the reserved blocks: release them only
+                # when the load is done (see _poll_loads), never hand them out now.
+                item.aborted = True
+                return self._finish(item.seq, FinishReason.ABORT)
+        return None
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Called by the engine when a running sequence hits a stop condition."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self._release(seq)
+        self._finish(seq, reason)
+
+    # -- the step --------------------------------------------------------------------------
+    def schedule(self) -> tuple[list[ScheduledSeq], list[Sequence]]:
+        """This step's work, plus sequences that ended because they can never get KV memory."""
+        self._poll_loads()
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        dropped: list[Sequence] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                # Free blocks by preempting the newest sequences, never an older one.
+                while not self._grow(seq, seq.num_computed + n) and self.running[-1] is not seq:
+                    self._preempt(self.running.pop())
+                    preempted = True
+                if not self._grow(seq, seq.num_computed + n):
+                    if len(self.running) == 1 and not self.loading:
+                        # Alone and still out of blocks: it has outgrown the whole KV cache.
+                        self.running.pop(i)
+                        self._release(seq)
+                        dropped.append(self._finish(seq, FinishReason.LENGTH))
+                        continue
+                    self.running.pop(i)
+                    self._preempt(seq)
+                    preempted = True
+                    continue
+            batch.append(ScheduledSeq(seq, n))
+            budget -= n
+            i += 1
+
+        while (
+            self.waiting
+            and budget > 0
+            and not preempted
+            and len(self.running) + len(self.loading) < self.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            if not seq.block_table:
+                started = self._start(seq)
+                if started is None:
+                    break
+                if started is False:
+                    continue  # went to the KV tier; look at the next one
+            n = min(seq.num_uncomputed, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                # Give the prefix back while queued (full blocks stay cached), so waiting
+                # sequences never hold memory that running ones need.
+                self._release(seq)
+                if not self.running and not self.loading and not batch:
+                    # Nothing else holds blocks, so this prompt cannot fit at all.
+                    self.waiting.popleft()
+                    dropped.append(self._finish(seq, FinishReason.LENGTH))
+                    continue
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.append(ScheduledSeq(seq, n))
+            budget -= n
+        return batch, dropped
+
+    # -- internals -------------------------------------------------------------------------
+    def _start(self, seq: Sequence) -> bool | None:
+        """Attach cached prefix blocks; True = ready to compute, False = loading from the tier,
+        None = no memory now (the sequence stays queued)."""
+        bs = self.block_size
+        hashes = seq.full_block_hashes(bs)
+        usable = hashes[: (len(seq.tokens) - 1) // bs]  # the last token is always computed
+        seq.block_table = self.blocks.acquire_cached(usable)
+        seq.num_computed = len(seq.block_table) * bs
+        first_time = seq.num_cached_prompt < 0
+        missing = usable[len(seq.block_table) :]
+        if self.connector is not None and missing and first_time:
+            ids = self.blocks.allocate(len(missing))
+            if ids is None:
+                self._release(seq)
+                return None
+            first = len(seq.block_table)
+            seq.block_table += ids
+            seq.status = SeqStatus.LOADING_KV
+            self.waiting.popleft()
+            future = self.connector.load(missing, ids)
+            self.loading.append(_Loading(seq, future, first, missing))
+            return False
+        if first_time:
+            self._note_cached(seq, 0)
+        return True
+
+    def _note_cached(self, seq: Sequence, tier_blocks: int) -> None:
+        seq.num_cached_prompt = min(seq.num_computed, len(seq.prompt))
+        seq.num_tier_blocks = tier_blocks
+        self.cache_query_tokens += len(seq.prompt)
+        self.cache_hit_tokens += seq.num_cached_prompt
+        self.tier_hit_tokens += tier_blocks * self.block_size
+
+    def _poll_loads(self) -> None:
+        still: list[_Loading] = []
+        ready: list[Sequence] = []
+        for item in self.loading:
+            if not item.future.done():
+                still.append(item)
+                continue
+            try:
+                loaded = max(0, min(int(item.future.result()), len(item.hashes)))
+            except Exception:  # noqa: BLE001 - a failed load is a miss; we recompute
+                loaded = 0
+            seq = item.seq
+            if item.aborted:
+                self._release(seq)
+                continue
+            for j in range(loaded):
+                self.blocks.register(seq.block_table[item.first_block + j], item.hashes[j])
+            seq.num_computed = (item.first_block + loaded) * self.block_size
+            self._note_cached(seq, loaded)
+            seq.status = SeqStatus.WAITING
+            ready.append(seq)
+        self.loading = still
+        # Loaded sequences go first: they hold blocks, and their prompt is mostly done.
+        for seq in reversed(ready):
+            self.waiting.appendleft(seq)
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        need = -(-num_tokens // self.block_size) - len(seq.block_table)
+        if need <= 0:
+            return True
+        ids = self.blocks.allocate(need)
+        if ids is None:
+            return False
+        seq.block_table += ids
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.blocks.release(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+
+    @staticmethod
+    def _finish(seq: Sequence, reason: FinishReason) -> Sequence:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        return seq
