@@ -16,10 +16,22 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 
-def server_args(maxmemory: str = "512mb", policy: str = "allkeys-lru", port: int = 6379) -> list[str]:
-    """Command-line settings for a tier server (valid for valkey-server and redis-server)."""
+def server_args(
+    maxmemory: str = "512mb",
+    policy: str = "allkeys-lru",
+    port: int = 6379,
+    password: str | None = None,
+) -> list[str]:
+    """Command-line settings for a tier server (valid for valkey-server and redis-server).
+
+    ``notify-keyspace-events Ee`` publishes every eviction, which the workers' eviction watchers
+    turn into KV events for the router's index (``tusk.kvtier.watch``). ``password`` sets
+    ``requirepass`` (AUTH); the operator passes it from a Secret rather than inline in real use.
+    """
+    auth = ["--requirepass", password] if password else []
     return [
         "--port",
         str(port),
@@ -33,6 +45,9 @@ def server_args(maxmemory: str = "512mb", policy: str = "allkeys-lru", port: int
         "no",
         "--protected-mode",
         "no",
+        "--notify-keyspace-events",
+        "Ee",
+        *auth,
     ]
 
 
@@ -70,6 +85,7 @@ class EmbeddedServer:
     host: str
     port: int
     workdir: Path
+    password: str | None = None
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -77,7 +93,8 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -106,16 +123,17 @@ def start_server(
     policy: str = "allkeys-lru",
     timeout: float = 10.0,
     binary: str | None = None,
+    password: str | None = None,
 ) -> EmbeddedServer:
     """Start a server and wait until it answers PING; raises RuntimeError with its log if not."""
     binary = binary or find_server_binary()
     port = port or free_port(host)
     workdir = Path(tempfile.mkdtemp(prefix="tusk-kv-"))
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - handed to the child
-    args = [binary, *server_args(maxmemory, policy, port), "--bind", host, "--dir", str(workdir)]
+    args = [binary, *server_args(maxmemory, policy, port, password), "--bind", host, "--dir", str(workdir)]
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     log.close()
-    server = EmbeddedServer(process, host, port, workdir)
+    server = EmbeddedServer(process, host, port, workdir, password)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -132,7 +150,8 @@ def _pings(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            reply = s.recv(16)
+            return reply.startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: up, but needs a password
     except OSError:
         return False
 
