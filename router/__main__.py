@@ -1,0 +1,5 @@
+import sys
+
+from tusk.router.app import main
+
+sys.exit(main())

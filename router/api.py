@@ -1,0 +1,444 @@
+"""The OpenAI-compatible HTTP handlers.
+
+Order of checks on a generation request, cheapest and most client-facing first: auth (401),
+body size (413), admission (429), JSON and schema (400), model (404), ready workers (503),
+prompt length (400). Streaming responses wait for the first token before sending the HTTP status,
+so any failure before it (no worker, a worker's INVALID_ARGUMENT, every retry exhausted) is a
+proper HTTP error, and only failures after it become an SSE error event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from tusk.router.auth import ApiKeys
+from tusk.router.dispatch import Generation, GenerationRequest
+from tusk.router.errors import APIError, bad_request, no_worker, overloaded, worker_failed
+from tusk.router.logs import request_id_var
+from tusk.router.metrics import CONTENT_TYPE, RouterMetrics
+from tusk.router.registry import ModelRegistry, ModelRuntime
+from tusk.router.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from tusk.router.stops import StopMatcher
+
+from tusk.config import RouterConfig
+from tusk.hashing import block_hashes
+from tusk.protocol import pb
+
+log = logging.getLogger("tusk.router.api")
+
+POLICY_HEADER = "x-tusk-policy"
+SESSION_HEADER = "x-tusk-session"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")), status, headers, media_type="application/json")
+
+
+def _sse(body: Any) -> bytes:
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+@dataclass
+class Prepared:
+    """A validated request, tokenized and ready to dispatch."""
+
+    kind: str  # "chat" or "completion"
+    body: ChatCompletionRequest | CompletionRequest
+    runtime: ModelRuntime
+    generation: Generation
+    stops: list[str]
+
+
+class RouterAPI:
+    def __init__(self, config: RouterConfig, registry: ModelRegistry, metrics: RouterMetrics) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.keys = ApiKeys(config.api_keys)
+        self.inflight = 0
+        self.draining = False
+
+    # -- simple endpoints ------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        """Readiness: 200 when every served model has at least one ready worker."""
+        models = {name: rt.has_ready_worker() for name, rt in self.registry.models.items()}
+        ready = bool(models) and all(models.values()) and not self.draining
+        body = {
+            "status": "ok" if ready else "unavailable",
+            "models": {n: {"ready_workers": len(self.registry.models[n].ready_states())} for n in models},
+        }
+        return _json(body, 200 if ready else 503)
+
+    async def live(self, request: Request) -> Response:
+        """Liveness: the process serves HTTP, whatever its workers do."""
+        return _json({"status": "ok"})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        for runtime in self.registry.models.values():
+            runtime.refresh_metrics()
+        self.metrics.queue_depth.set(self.inflight)
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def models(self, request: Request) -> Response:
+        rid = self._request_id(request)
+        try:
+            self.keys.check(request.headers.get("authorization"))
+        except APIError as exc:
+            return exc.response(rid)
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "tusk"} for name in self.registry.models
+        ]
+        return _json({"object": "list", "data": data}, headers={"x-request-id": rid})
+
+    # -- generation ------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "completion")
+
+    def _request_id(self, request: Request) -> str:
+        incoming = request.headers.get("x-request-id")
+        if incoming and _REQUEST_ID.match(incoming):
+            return incoming
+        return f"req-{uuid.uuid4().hex}"
+
+    async def _generate(self, request: Request, kind: str) -> Response:
+        started = time.perf_counter()
+        rid = self._request_id(request)
+        request_id_var.set(rid)
+        endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        admitted = False
+        model = "unknown"
+        try:
+            self.keys.check(request.headers.get("authorization"))
+            raw = await self._read_body(request)
+            if self.draining:
+                raise APIError(
+                    503, "The router is shutting down.", type="service_unavailable", code="draining"
+                )
+            if self.inflight >= self.config.max_queue:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise overloaded()
+            self.inflight += 1
+            admitted = True
+            prepared = self._prepare(request, raw, kind, rid)
+            model = prepared.runtime.name
+            if prepared.body.stream:
+                response = await self._stream(prepared, rid, started, endpoint)
+                admitted = False  # the stream releases its slot when it ends
+                return response
+            return await self._complete(prepared, rid, started, endpoint)
+        except APIError as exc:
+            if not isinstance(exc, _handled):
+                self.metrics.requests.labels(model, endpoint, str(exc.status)).inc()
+            if exc.status >= 500:
+                log.warning(
+                    "request failed", extra={"status": exc.status, "error": exc.message, "model": model}
+                )
+            return exc.response(rid)
+        finally:
+            if admitted:
+                self.inflight -= 1
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _prepare(self, request: Request, raw: bytes, kind: str, rid: str) -> Prepared:
+        body: ChatCompletionRequest | CompletionRequest
+        if kind == "chat":
+            body = parse_body(ChatCompletionRequest, raw)
+        else:
+            body = parse_body(CompletionRequest, raw)
+        runtime = self.registry.get(body.model)
+        if not runtime.has_ready_worker():
+            raise no_worker(body.model)
+        tok = runtime.tokenizer
+        if isinstance(body, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            prompt_ids = tok.encode(tok.render_chat(messages), add_special_tokens=False)
+        elif isinstance(body.prompt, str):
+            prompt_ids = tok.encode(body.prompt, add_special_tokens=True)
+        else:
+            prompt_ids = list(body.prompt)  # type: ignore[arg-type]
+            vocab = tok.tokenizer.get_vocab_size(with_added_tokens=True)
+            if any(not 0 <= t < vocab for t in prompt_ids):
+                raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if not prompt_ids:
+            raise bad_request("The prompt is empty after tokenization.", param="prompt")
+        max_tokens = self._max_tokens(runtime, body, len(prompt_ids))
+        sampling = pb.SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            max_tokens=max_tokens,
+            stop_token_ids=[] if body.ignore_eos else tok.eos_token_ids,
+            ignore_eos=body.ignore_eos,
+        )
+        if body.seed is not None:
+            sampling.seed = body.seed
+        policy = runtime.policy(request.headers.get(POLICY_HEADER))
+        timeout = self.config.request_timeout_s
+        gen_request = GenerationRequest(
+            request_id=rid,
+            prompt_ids=prompt_ids,
+            block_hashes=block_hashes(prompt_ids, runtime.block_size),
+            sampling=sampling,
+            policy=policy,
+            deadline=time.monotonic() + timeout,
+            timeout_s=timeout,
+            session_key=request.headers.get(SESSION_HEADER) or body.user,
+        )
+        generation = Generation(runtime, gen_request)
+        return Prepared(kind, body, runtime, generation, body.stop_strings())
+
+    def _max_tokens(self, runtime: ModelRuntime, body: Any, prompt_len: int) -> int:
+        limit = runtime.max_model_len
+        asked = body.output_limit()
+        if limit is None:
+            return asked or 256
+        room = limit - prompt_len
+        if room <= 0:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens; the prompt has {prompt_len}.",
+                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                code="context_length_exceeded",
+            )
+        if asked is not None and asked > room:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. You requested {prompt_len + asked} "
+                f"tokens ({prompt_len} in the prompt, {asked} for the completion).",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return asked or room
+
+    # -- text from tokens ------------------------------------------------------------------------
+
+    async def _text_events(self, prepared: Prepared) -> AsyncIterator[tuple[str, str | None]]:
+        """(text delta, finish reason) pairs; the last one carries the reason."""
+        gen = prepared.generation
+        detok = prepared.runtime.tokenizer.detokenizer()
+        stops = StopMatcher(prepared.stops)
+        model = prepared.runtime.name
+        last = None
+        async with contextlib.aclosing(gen.stream()) as chunks:
+            async for ids in chunks:
+                now = time.perf_counter()
+                if last is not None:
+                    self.metrics.itl.labels(model).observe(now - last)
+                last = now
+                text = stops.feed(detok.push(ids))
+                if stops.stopped:
+                    yield text, "stop"
+                    return  # closing the stream cancels the worker's request
+                if text:
+                    yield text, None
+        if gen.finish_reason == "abort":
+            raise worker_failed("the worker aborted the request (draining or cancelled)")
+        yield stops.flush(), gen.finish_reason or "stop"
+
+    def _usage(self, gen: Generation) -> dict[str, Any]:
+        prompt = len(gen.req.prompt_ids)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": gen.completion_tokens,
+            "total_tokens": prompt + gen.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
+        }
+
+    def _finish_metrics(self, prepared: Prepared, endpoint: str, status: int, started: float) -> None:
+        gen, model = prepared.generation, prepared.runtime.name
+        m = self.metrics
+        m.requests.labels(model, endpoint, str(status)).inc()
+        m.e2e.labels(model).observe(time.perf_counter() - started)
+        if gen.ttft_s is not None:
+            m.ttft.labels(model).observe(gen.ttft_s)
+        m.prompt_tokens.labels(model).inc(len(gen.req.prompt_ids))
+        m.cached_tokens.labels(model).inc(gen.cached_tokens)
+        m.completion_tokens.labels(model).inc(gen.completion_tokens)
+        if gen.attempts > 1:
+            m.retries.labels(model).inc(gen.attempts - 1)
+        d = gen.decision
+        log.info(
+            "request done",
+            extra={
+                "model": model,
+                "status": status,
+                "prompt_tokens": len(gen.req.prompt_ids),
+                "completion_tokens": gen.completion_tokens,
+                "cached_tokens": gen.cached_tokens,
+                "ttft_s": gen.ttft_s,
+                "e2e_s": round(time.perf_counter() - started, 6),
+                "decode_worker": d.decode.address if d else None,
+                "prefill_worker": d.prefill.address if d and d.prefill else None,
+                "route_reason": d.reason if d else None,
+            },
+        )
+
+    async def _complete(self, prepared: Prepared, rid: str, started: float, endpoint: str) -> Response:
+        parts: list[str] = []
+        reason: str | None = None
+        try:
+            async for text, finish in self._text_events(prepared):
+                parts.append(text)
+                reason = finish or reason
+        except APIError as exc:
+            self._finish_metrics(prepared, endpoint, exc.status, started)
+            raise _handled(exc) from None
+        self._finish_metrics(prepared, endpoint, 200, started)
+        text = "".join(parts)
+        created = int(time.time())
+        if prepared.kind == "chat":
+            body = {
+                "id": f"chatcmpl-{rid}",
+                "object": "chat.completion",
+                "created": created,
+                "model": prepared.runtime.name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": reason,
+                    }
+                ],
+                "usage": self._usage(prepared.generation),
+            }
+        else:
+            body = {
+                "id": f"cmpl-{rid}",
+                "object": "text_completion",
+                "created": created,
+                "model": prepared.runtime.name,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+                "usage": self._usage(prepared.generation),
+            }
+        return _json(body, headers={"x-request-id": rid})
+
+    async def _stream(self, prepared: Prepared, rid: str, started: float, endpoint: str) -> Response:
+        events = self._text_events(prepared)
+        try:
+            first = await anext(events)  # failures before the first token are plain HTTP errors
+        except StopAsyncIteration:
+            first = ("", "stop")
+        except APIError as exc:
+            await events.aclose()
+            self._finish_metrics(prepared, endpoint, exc.status, started)
+            raise _handled(exc) from None
+        chat = prepared.kind == "chat"
+        created = int(time.time())
+        base = {
+            "id": f"chatcmpl-{rid}" if chat else f"cmpl-{rid}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": prepared.runtime.name,
+        }
+        include_usage = prepared.body.include_usage()
+
+        def chunk(text: str | None, finish: str | None, role: bool = False) -> bytes:
+            if chat:
+                delta: dict[str, Any] = {}
+                if role:
+                    delta["role"] = "assistant"
+                if text is not None:
+                    delta["content"] = text
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            body = {**base, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return _sse(body)
+
+        finished = False
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal finished
+            status = 200
+            try:
+                if chat:
+                    yield chunk("", None, role=True)
+                text, finish = first
+                if text or finish is None:
+                    yield chunk(text, None)
+                while finish is None:
+                    text, finish = await anext(events)
+                    if text:
+                        yield chunk(text, None)
+                yield chunk(None if chat else "", finish)
+                if include_usage:
+                    yield _sse({**base, "choices": [], "usage": self._usage(prepared.generation)})
+            except APIError as exc:
+                status = exc.status
+                yield _sse(exc.body())
+            yield b"data: [DONE]\n\n"
+            finished = True
+            self._finish_metrics(prepared, endpoint, status, started)
+
+        async def on_close() -> None:
+            await events.aclose()  # cancels the worker's request if it is still running
+            self.inflight -= 1
+            if not finished:  # the client went away mid-stream
+                self._finish_metrics(prepared, endpoint, 499, started)
+
+        return _Stream(body(), on_close, headers={"x-request-id": rid, "cache-control": "no-cache"})
+
+
+class _Stream(StreamingResponse):
+    """A streaming response that always runs its cleanup, even when the client vanished before
+    the body started (a never-started generator's ``finally`` would not run)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Any, headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._on_close = on_close
+        self._iterator = content
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(Exception):
+                await self._iterator.aclose()  # type: ignore[attr-defined]
+            await self._on_close()
+
+
+class _handled(APIError):
+    """An APIError whose metrics were already counted."""
+
+    def __init__(self, exc: APIError) -> None:
+        super().__init__(
+            exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=exc.headers
+        )
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")

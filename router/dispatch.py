@@ -1,0 +1,297 @@
+"""The request path: route, prefill (maybe), decode, retry, cancel, give feedback.
+
+A ``Generation`` turns one tokenized prompt into a stream of token-id chunks. It asks the model's
+policy for a decision; with a prefill worker it calls Prefill, hands the first token out at once
+and continues with Generate(first_token) on the decode worker, which pulls the prompt's blocks
+from the KV tier; without one the decode worker does everything (aggregated). Until the client
+has seen a token from a given stage, a failed worker is simply replaced by another one, so a
+crash before the first token is invisible to the client. After the request, the policy gets a
+``RequestOutcome`` so learning policies (``cost``) can tune themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from tusk.router.errors import bad_request, no_worker, timed_out, worker_failed
+from tusk.router.policies.base import (
+    NoWorkerAvailable,
+    Policy,
+    RequestOutcome,
+    RoutingDecision,
+    RoutingRequest,
+    WorkerState,
+)
+from tusk.router.registry import ModelRuntime
+from tusk.router.workers import WorkerClient
+
+from tusk.protocol import pb
+
+log = logging.getLogger("tusk.router.dispatch")
+
+# Failures that say "this worker could not take the request": try another one.
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+MAX_ATTEMPTS = 3
+
+FINISH_REASONS = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORT: "abort",
+}
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    block_hashes: list[int]
+    sampling: pb.SamplingParams
+    policy: Policy
+    deadline: float  # time.monotonic() seconds
+    timeout_s: float
+    session_key: str | None = None
+
+
+@dataclass
+class Generation:
+    """State of one request on the worker side; iterate ``stream()`` for token chunks."""
+
+    runtime: ModelRuntime
+    req: GenerationRequest
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    decision: RoutingDecision | None = None
+    ttft_s: float | None = None
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    attempts: int = 0
+    _started: float = field(default_factory=time.perf_counter)
+    _active: tuple[WorkerClient, grpc.aio.Call] | None = None
+    _excluded: set[str] = field(default_factory=set)
+    _ok: bool = False
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def _candidates(self) -> list[WorkerState]:
+        return [w for w in self.runtime.ready_states() if w.address not in self._excluded]
+
+    def _route(self) -> RoutingDecision:
+        req = self.req
+        workers = self._candidates()
+        if not workers:
+            raise no_worker(self.runtime.name)
+        routing = RoutingRequest(
+            request_id=req.request_id,
+            block_hashes=req.block_hashes,
+            prompt_tokens=len(req.prompt_ids),
+            block_size=self.runtime.block_size,
+            session_key=req.session_key,
+            max_tokens=req.sampling.max_tokens,
+        )
+        try:
+            decision = req.policy.route(routing, workers)
+        except NoWorkerAvailable:
+            raise no_worker(self.runtime.name) from None
+        self.runtime.metrics.routing_decision(self.runtime.name, req.policy.name, decision)
+        if not self.runtime.routing.kv_events:  # approximate mode: assume the chosen workers cache it
+            index = self.runtime.index
+            index.record_route(decision.decode.worker_id, req.block_hashes)
+            if decision.prefill is not None:
+                index.record_route(decision.prefill.worker_id, req.block_hashes)
+        return decision
+
+    def _pick_decode(self) -> WorkerState:
+        """A replacement decode worker after the chosen one failed: the least loaded one."""
+        states = [w for w in self._candidates() if w.can_decode]
+        if not states:
+            raise no_worker(self.runtime.name)
+        return min(states, key=lambda w: (w.inflight + w.running_requests + w.queued_requests, w.address))
+
+    def _remaining(self) -> float:
+        left = self.req.deadline - time.monotonic()
+        if left <= 0:
+            raise timed_out(self.req.timeout_s)
+        return left
+
+    def _fail(self, client: WorkerClient, exc: grpc.aio.AioRpcError) -> None:
+        self._excluded.add(client.address)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            client.mark_failed(exc.details() or "unavailable")
+        log.warning(
+            "worker failed before the first token; trying another",
+            extra={"worker": client.address, "code": exc.code().name, "request_id": self.req.request_id},
+        )
+
+    # -- the stream ----------------------------------------------------------------------------
+
+    async def stream(self) -> AsyncIterator[list[int]]:
+        """Yield token-id chunks; sets finish_reason, cached_tokens and timing as it goes."""
+        try:
+            async for chunk in self._stream():
+                yield chunk
+            self._ok = True
+        finally:
+            self._cancel_active()
+            self._observe()
+
+    async def _stream(self) -> AsyncIterator[list[int]]:
+        first_token: int | None = None
+        decode: WorkerState | None = None
+        while first_token is None:
+            self.attempts += 1
+            decision = self._route()
+            self.decision = decision
+            if decision.prefill is None:
+                decode = decision.decode
+                break
+            prefill_client = self.runtime.client(decision.prefill.address)
+            try:
+                reply = await self._prefill(prefill_client, decision.prefill)
+            except grpc.aio.AioRpcError as exc:
+                self._raise_if_final(exc)
+                self._fail(prefill_client, exc)
+                continue
+            first_token = reply.first_token
+            self.cached_tokens = reply.cached_tokens
+            self.completion_tokens = 1
+            self.ttft_s = time.perf_counter() - self._started
+            yield [reply.first_token]
+            if reply.finish_reason:
+                self.finish_reason = FINISH_REASONS.get(reply.finish_reason, "stop")
+                return
+            if self.req.sampling.max_tokens <= 1:
+                self.finish_reason = "length"
+                return
+            decode = decision.decode
+        assert decode is not None
+        async for chunk in self._decode(decode, first_token):
+            yield chunk
+
+    def _raise_if_final(self, exc: grpc.aio.AioRpcError) -> None:
+        code = exc.code()
+        if code == grpc.StatusCode.INVALID_ARGUMENT or code == grpc.StatusCode.OUT_OF_RANGE:
+            raise bad_request(exc.details() or "invalid request") from None
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise timed_out(self.req.timeout_s) from None
+        if code not in RETRYABLE:
+            raise worker_failed(f"worker error {code.name}: {exc.details()}") from None
+        if self.attempts >= MAX_ATTEMPTS:
+            raise worker_failed(f"{self.attempts} workers failed; last error {code.name}: {exc.details()}")
+
+    async def _prefill(self, client: WorkerClient, state: WorkerState) -> pb.PrefillResponse:
+        req = self.req
+        message = pb.PrefillRequest(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_ids,
+            sampling=req.sampling,
+            deadline_unix_s=time.time() + self._remaining(),
+        )
+        started = time.perf_counter()
+        state.inflight += 1
+        call = client.stub.Prefill(message, timeout=self._remaining())
+        self._active = (client, call)
+        try:
+            reply = await call
+        finally:
+            state.inflight -= 1
+            self._active = None
+        self.prefill_s = time.perf_counter() - started
+        return reply
+
+    async def _decode(self, state: WorkerState, first_token: int | None) -> AsyncIterator[list[int]]:
+        """Generate on ``state``'s worker; before its first message, failures move to another."""
+        req = self.req
+        while True:
+            client = self.runtime.client(state.address)
+            message = pb.GenerateRequest(
+                request_id=req.request_id,
+                prompt_token_ids=req.prompt_ids,
+                sampling=req.sampling,
+                deadline_unix_s=time.time() + self._remaining(),
+            )
+            if first_token is not None:
+                message.first_token = first_token
+            started = time.perf_counter()
+            running = state
+            running.inflight += 1
+            call = client.stub.Generate(message, timeout=self._remaining())
+            self._active = (client, call)
+            received = False
+            try:
+                async for reply in call:
+                    if not received:
+                        received = True
+                        if first_token is None:
+                            self.cached_tokens = reply.cached_tokens
+                            self.prefill_s = time.perf_counter() - started
+                    if reply.token_ids:
+                        if self.ttft_s is None:
+                            self.ttft_s = time.perf_counter() - self._started
+                        self.completion_tokens += len(reply.token_ids)
+                        yield list(reply.token_ids)
+                    if reply.finish_reason:
+                        self.finish_reason = FINISH_REASONS.get(reply.finish_reason, "stop")
+                if self.finish_reason is None:
+                    self.finish_reason = "stop"
+                self.decode_s = time.perf_counter() - started
+                return
+            except grpc.aio.AioRpcError as exc:
+                if received:
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise timed_out(self.req.timeout_s) from None
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        client.mark_failed(exc.details() or "unavailable")
+                    raise worker_failed(
+                        f"the worker failed mid-stream ({exc.code().name}: {exc.details()})"
+                    ) from None
+                self.attempts += 1
+                self._raise_if_final(exc)
+                self._fail(client, exc)
+                state = self._pick_decode()
+                if self.decision is not None:
+                    self.decision.decode = state
+            finally:
+                running.inflight -= 1
+                self._active = None
+
+    # -- cleanup and feedback --------------------------------------------------------------------
+
+    def _cancel_active(self) -> None:
+        """The client went away or a stop string hit: stop the worker's work, not just our read."""
+        if self._active is None:
+            return
+        client, call = self._active
+        self._active = None
+        if not call.done():
+            call.cancel()
+            client.cancel_soon(self.req.request_id)
+
+    def _observe(self) -> None:
+        if self.decision is None:
+            return
+        outcome = RequestOutcome(
+            decision=self.decision,
+            prompt_tokens=len(self.req.prompt_ids),
+            cached_tokens=self.cached_tokens,
+            prefill_s=self.prefill_s,
+            ttft_s=self.ttft_s,
+            decode_tokens=self.completion_tokens,
+            decode_s=self.decode_s,
+            ok=self._ok,
+        )
+        try:
+            self.req.policy.observe(outcome)
+        except Exception:  # feedback must never fail a request that already finished
+            log.exception("policy.observe failed", extra={"request_id": self.req.request_id})

@@ -1,0 +1,133 @@
+"""Text <-> tokens for one served model: chat template, encoding and streaming decoding.
+
+The router owns text (workers see only token ids), so this module is where Hugging Face's
+conventions have to be reproduced faithfully: the chat template is the jinja2 template from
+``tokenizer_config.json`` rendered with ``messages``, ``add_generation_prompt``, ``bos_token`` and
+``eos_token``; prompts rendered from a template are encoded without extra special tokens (the
+template already placed them). Files come either from a local folder or from a worker's
+GetModelInfo RPC, so a router in a cluster needs no copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+from tusk.router.errors import bad_request
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+class TokenizerError(RuntimeError):
+    """The model's tokenizer files are missing or unusable."""
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config stores special tokens either as strings or as AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+class ModelTokenizer:
+    """Everything text-shaped the router needs for one model."""
+
+    def __init__(self, files: Mapping[str, bytes]) -> None:
+        if "tokenizer.json" not in files:
+            raise TokenizerError("tokenizer.json is missing")
+        try:
+            self.tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode())
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise TokenizerError(f"tokenizer.json is not a valid tokenizer: {exc}") from exc
+        config = json.loads(files.get("tokenizer_config.json", b"{}") or b"{}")
+        generation = json.loads(files.get("generation_config.json", b"{}") or b"{}")
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.max_model_len = config.get("model_max_length")
+        if not isinstance(self.max_model_len, int) or self.max_model_len > 1 << 30:
+            self.max_model_len = None
+        self.eos_token_ids = self._eos_ids(generation)
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: use "default"
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self._template = env.from_string(template) if template else None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelTokenizer:
+        folder = Path(path)
+        if not (folder / "tokenizer.json").is_file():
+            raise TokenizerError(f"no tokenizer.json in {folder}")
+        files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+        return cls(files)
+
+    def _eos_ids(self, generation: dict[str, Any]) -> list[int]:
+        raw = generation.get("eos_token_id")
+        ids = raw if isinstance(raw, list) else [raw] if isinstance(raw, int) else []
+        if self.eos_token is not None:
+            token_id = self.tokenizer.token_to_id(self.eos_token)
+            if token_id is not None:
+                ids.append(token_id)
+        return sorted(set(ids))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if self._template is None:
+            raise bad_request(
+                "This model has no chat template; use /v1/completions instead.", param="messages"
+            )
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as exc:
+            raise bad_request(f"The chat template rejected these messages: {exc}", param="messages") from None
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def detokenizer(self) -> Detokenizer:
+        return Detokenizer(self.tokenizer)
+
+
+class Detokenizer:
+    """Streaming decoder that only ever emits whole characters.
+
+    Byte-level BPE splits a multi-byte character across tokens; ``DecodeStream`` buffers the
+    bytes until they form valid UTF-8, so a client never sees a half character or U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def push(self, token_ids: list[int]) -> str:
+        parts = []
+        for token_id in token_ids:
+            piece = self._stream.step(self._tokenizer, token_id)
+            if piece:
+                parts.append(piece)
+        return "".join(parts)

@@ -1,0 +1,168 @@
+"""One gRPC client per worker: health, load polling and the KV event feed.
+
+Each worker gets its own ``grpc.aio`` channel and a small background loop. The loop keeps the
+worker's ``WorkerState`` (what policies see) fresh from GetLoad, flips ``healthy`` on failures so
+policies stop choosing a dead worker within one poll interval, and feeds the worker's KV events
+into the model's prefix index so cache-aware policies see real cache contents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import grpc
+from tusk.router.policies.base import WorkerState
+
+from tusk.config import Role
+from tusk.protocol import pb, rpc
+
+log = logging.getLogger("tusk.router.workers")
+
+GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.enable_retries", 0),
+]
+
+KvEventSink = Callable[[str, pb.KvEventBatch], None]
+
+
+class WorkerClient:
+    """Router-side handle on one worker process."""
+
+    def __init__(
+        self,
+        address: str,
+        role: Role,
+        *,
+        poll_interval_s: float = 0.5,
+        rpc_timeout_s: float = 2.0,
+        kv_events: KvEventSink | None = None,
+        on_change: Callable[[WorkerClient], None] | None = None,
+    ) -> None:
+        self.address = address
+        self.state = WorkerState(worker_id=address, address=address, role=role, healthy=False)
+        self.channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        self.stub = rpc.WorkerStub(self.channel)
+        self.poll_interval_s = poll_interval_s
+        self.rpc_timeout_s = rpc_timeout_s
+        self.model_name: str | None = None
+        self.block_size: int | None = None
+        self._kv_events = kv_events
+        self._on_change = on_change
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._kv_started = False
+
+    @property
+    def worker_id(self) -> str:
+        return self.state.worker_id
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._poll_loop(), name=f"poll {self.address}"))
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.channel.close(grace=None)
+
+    def mark_failed(self, reason: str) -> None:
+        """Called by the request path when an RPC failed in a way that points at the worker."""
+        if self.state.healthy:
+            log.warning("worker marked unhealthy", extra={"worker": self.address, "reason": reason})
+            self.state.healthy = False
+            self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self)
+
+    async def check_health(self) -> bool:
+        reply = await self.stub.Health(pb.HealthRequest(), timeout=self.rpc_timeout_s)
+        if reply.worker_id:
+            self.state.worker_id = reply.worker_id
+        if reply.model:
+            self.model_name = reply.model
+        if reply.block_size:
+            self.block_size = reply.block_size
+        return reply.status == pb.HealthResponse.STATUS_SERVING
+
+    async def poll_once(self) -> None:
+        """Refresh health and load; marks the worker unhealthy on any failure."""
+        try:
+            serving = await self.check_health()
+            report = (
+                await self.stub.GetLoad(pb.LoadRequest(), timeout=self.rpc_timeout_s) if serving else None
+            )
+        except (TimeoutError, grpc.aio.AioRpcError) as exc:
+            if self.state.healthy:
+                log.warning("worker health check failed", extra={"worker": self.address, "error": str(exc)})
+            serving, report = False, None
+        if report is not None:
+            s = self.state
+            s.running_requests = report.running_requests
+            s.queued_requests = report.queued_requests
+            s.queued_prefill_tokens = report.queued_prefill_tokens
+            s.free_blocks = report.free_blocks
+            s.total_blocks = report.total_blocks
+            s.prefill_tokens_per_s = report.prefill_tokens_per_s
+            s.decode_step_s = report.decode_step_s
+        if serving and self._kv_events is not None and not self._kv_started:
+            # Start the feed once the worker's id is known: the index is keyed by it.
+            self._kv_started = True
+            self._tasks.append(asyncio.create_task(self._kv_event_loop(), name=f"kv {self.address}"))
+        if serving != self.state.healthy:
+            log.info("worker health changed", extra={"worker": self.address, "healthy": serving})
+            self.state.healthy = serving
+            self._changed()
+
+    async def _poll_loop(self) -> None:
+        while not self._closed:
+            await self.poll_once()
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def _kv_event_loop(self) -> None:
+        """Follow StreamKvEvents for the worker's lifetime, reconnecting after failures."""
+        assert self._kv_events is not None
+        backoff = 0.2
+        while not self._closed:
+            try:
+                async for batch in self.stub.StreamKvEvents(pb.KvEventsRequest()):
+                    backoff = 0.2
+                    self._kv_events(self.worker_id, batch)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.info("worker has no KV event stream", extra={"worker": self.address})
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad batch must not kill the feed
+                log.exception("KV event feed failed", extra={"worker": self.address})
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def model_info(self) -> pb.ModelInfo:
+        return await self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10.0)
+
+    def cancel_soon(self, request_id: str) -> None:
+        """Best-effort Cancel RPC that never blocks the caller (used on client disconnect)."""
+
+        async def _cancel() -> None:
+            with contextlib.suppress(Exception):
+                await self.stub.Cancel(pb.CancelRequest(request_id=request_id), timeout=self.rpc_timeout_s)
+
+        task = asyncio.get_running_loop().create_task(_cancel())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[None]] = set()
