@@ -80,7 +80,11 @@ class CostPolicy:
         prior_decode_step_s: float = 0.02,
         min_threshold_tokens: int = 0,
         max_threshold_tokens: int = 1 << 17,
+        threshold_tokens: int | None = None,
     ) -> None:
+        # ``threshold_tokens`` is an alias of ``disaggregation_threshold_tokens`` (the router's name).
+        if disaggregation_threshold_tokens is None:
+            disaggregation_threshold_tokens = threshold_tokens
         if disaggregation_threshold_tokens is not None and disaggregation_threshold_tokens < 0:
             raise ValueError("disaggregation_threshold_tokens must be >= 0")
         if default_prefill_tokens_per_s <= 0 or chunk_tokens <= 0:
