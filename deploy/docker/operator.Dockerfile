@@ -1,0 +1,28 @@
+# syntax=docker/dockerfile:1.7
+# The tusk operator (kopf): `tusk operator ...`. Build from the repository root:
+#   docker build -f deploy/docker/operator.Dockerfile -t ghcr.io/tusk-dev/tusk-operator:0.1.0 .
+# Base images carry a version tag; pin them by digest (...@sha256:...) when cutting a release.
+
+FROM python:3.11.14-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/tusk
+ENV PATH=/opt/tusk/bin:$PATH
+WORKDIR /src
+# setuptools needs every package folder named in pyproject.toml, even those this image does not use.
+COPY pyproject.toml setup.py README.md ./
+COPY tusk ./tusk
+COPY operator ./operator
+COPY router ./router
+COPY worker ./worker
+COPY kernels ./kernels
+RUN pip install ".[operator]" \
+ && find /opt/tusk -name '__pycache__' -prune -exec rm -rf {} +
+
+FROM python:3.11.14-slim-bookworm AS runtime
+ENV PATH=/opt/tusk/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+RUN groupadd --gid 10001 tusk && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin tusk
+COPY --from=build /opt/tusk /opt/tusk
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["tusk"]
+CMD ["operator", "--all-namespaces"]

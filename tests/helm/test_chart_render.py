@@ -1,0 +1,306 @@
+"""The chart lints, renders in every supported shape, and what it renders is valid and locked down."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import kubernetes_validate
+import pytest
+from conftest import (
+    CHART,
+    KUBE_VERSION,
+    MONITORING_API,
+    NAMESPACE,
+    RELEASE,
+    SCENARIO_IDS,
+    SCENARIOS,
+    VALUES_DIR,
+    Scenario,
+    by_kind,
+    one,
+    pod_specs,
+    template_args,
+)
+
+from tusk.config import RouterConfig
+from tusk.kvserver import server_args
+
+# Kinds whose schema is a third-party CRD, not part of Kubernetes: kubernetes-validate has no schema
+# for them, so they are checked structurally in test_servicemonitor_* instead.
+CRD_TYPED_GROUPS = {"monitoring.coreos.com"}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
+def test_helm_lint_strict(tools, scenario: Scenario):
+    args = ["lint", "--strict", str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
+    for name in scenario.values:
+        args += ["--values", str(VALUES_DIR / name)]
+    out = tools.run(tools.helm, *args).stdout
+    assert "0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
+def test_every_object_is_valid_kubernetes(render, scenario: Scenario):
+    objects = render(scenario, "--include-crds")
+    checked = 0
+    for obj in objects:
+        group = obj["apiVersion"].rpartition("/")[0]
+        if group in CRD_TYPED_GROUPS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} is invalid at {KUBE_VERSION}: {exc}")
+        checked += 1
+    assert checked >= 12
+
+
+def test_values_schema_rejects_typos_and_bad_values(tools):
+    bad = {
+        "router.replicass=2": "additional properties",
+        "kvTier.externalUrl=http://cache:6379": "externalUrl",
+        "kvTier.maxmemoryPolicy=lru": "maxmemoryPolicy",
+        "operator.namespaces[0]=Not_A_Namespace": "namespaces",
+    }
+    for setting, message in bad.items():
+        proc = tools.run(tools.helm, *template_args(SCENARIOS[0], "--set", setting), check=False)
+        assert proc.returncode != 0, setting
+        assert message in proc.stderr, proc.stderr
+
+
+def test_objects_land_in_the_release_namespace(render):
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+    for obj in render(SCENARIOS[0]):
+        if obj["kind"] not in cluster_scoped:
+            assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
+def test_pods_are_non_root_read_only_and_capability_free(render, scenario: Scenario):
+    specs = pod_specs(render(scenario))
+    assert len(specs) >= 3
+    for name, spec in specs:
+        pod_sc = spec.get("securityContext", {})
+        assert pod_sc.get("runAsNonRoot") is True, name
+        assert pod_sc.get("runAsUser", 0) != 0, name
+        assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            where = f"{name}/{container['name']}"
+            sc = container.get("securityContext", {})
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert not sc.get("capabilities", {}).get("add"), where
+            assert container["resources"].get("requests"), f"{where} has no resource requests"
+            image = container["image"]
+            assert re.fullmatch(r"[\w.\-/]+(:[\w.\-]+)", image), f"{where}: image {image!r} has no tag"
+            assert not image.endswith(":latest"), where
+
+
+def test_deployment_selectors_match_their_pods_and_services_find_them(render):
+    objects = render(SCENARIOS[1])
+    deployments = by_kind(objects, "Deployment")
+    assert {d["metadata"]["name"] for d in deployments} == {
+        f"{RELEASE}-operator",
+        f"{RELEASE}-router",
+        f"{RELEASE}-kv",
+    }
+    for d in deployments:
+        selector = d["spec"]["selector"]["matchLabels"]
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items(), d["metadata"]["name"]
+    for svc in by_kind(objects, "Service"):
+        matches = [
+            d
+            for d in deployments
+            if svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(matches) == 1, f"Service {svc['metadata']['name']} selects {len(matches)} Deployments"
+        ports = {
+            p["name"]
+            for c in matches[0]["spec"]["template"]["spec"]["containers"]
+            for p in c.get("ports", [])
+        }
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in ports, svc["metadata"]["name"]
+
+
+def test_disruption_budgets_cover_operator_router_and_tier(render):
+    objects = render(SCENARIOS[1])
+    pdbs = by_kind(objects, "PodDisruptionBudget")
+    deployments = {d["metadata"]["name"]: d for d in by_kind(objects, "Deployment")}
+    assert {p["metadata"]["name"] for p in pdbs} == set(deployments)
+    for pdb in pdbs:
+        labels = deployments[pdb["metadata"]["name"]]["spec"]["template"]["metadata"]["labels"]
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    router_pdb = one(pdbs, "PodDisruptionBudget", f"{RELEASE}-router")
+    assert (
+        router_pdb["spec"]["minAvailable"]
+        < one(objects, "Deployment", f"{RELEASE}-router")["spec"]["replicas"]
+    )
+
+
+def _router_config(objects) -> RouterConfig:
+    cm = one(objects, "ConfigMap", f"{RELEASE}-router")
+    return RouterConfig.model_validate_json(cm["data"]["router.json"])
+
+
+def test_router_config_is_a_valid_router_config_listening_on_the_container_port(render):
+    objects = render(SCENARIOS[0])
+    config = _router_config(objects)
+    assert config.host == "0.0.0.0"
+    container = one(objects, "Deployment", f"{RELEASE}-router")["spec"]["template"]["spec"]["containers"][0]
+    assert container["ports"][0]["containerPort"] == config.port
+    assert container["args"][:2] == ["router", "--config=/etc/tusk/router.json"]
+    assert config.kv_tier_url is None
+
+
+def test_router_config_points_at_the_managed_tier(render):
+    objects = render(SCENARIOS[1])
+    config = _router_config(objects)
+    service = one(objects, "Service", f"{RELEASE}-kv")
+    assert (
+        config.kv_tier_url == f"redis://{RELEASE}-kv.{NAMESPACE}.svc:{service['spec']['ports'][0]['port']}/0"
+    )
+
+
+def test_router_config_values_are_merged_and_checked(render, tools):
+    objects = render(
+        SCENARIOS[0], "--set", "router.config.routing.policy=least_request", "--set", "router.port=9000"
+    )
+    config = _router_config(objects)
+    assert (config.routing.policy, config.port) == ("least_request", 9000)
+    # A key RouterConfig does not know renders, but the router would refuse it: the test catches that.
+    objects = render(SCENARIOS[0], "--set", "router.config.no_such_setting=1")
+    with pytest.raises(ValueError, match="no_such_setting"):
+        _router_config(objects)
+
+
+def test_router_pods_roll_when_config_changes(render):
+    def checksum(*extra):
+        dep = one(render(SCENARIOS[0], *extra), "Deployment", f"{RELEASE}-router")
+        return dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    assert checksum() != checksum("--set", "router.config.max_queue=7")
+
+
+def test_managed_tier_runs_valkey_with_the_tier_server_args(render):
+    objects = render(SCENARIOS[1])
+    container = one(objects, "Deployment", f"{RELEASE}-kv")["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["valkey-server"]
+    expected = server_args(maxmemory="512mb", policy="allkeys-lru", port=6379)
+    assert container["args"][: len(expected)] == expected
+    assert container["args"][len(expected) :] == ["--dir", "/data"]
+    requests = container["resources"]["requests"]["memory"]
+    assert requests == container["resources"]["limits"]["memory"], "tier memory must be reserved, not burst"
+
+
+def test_no_tier_objects_unless_managed(render):
+    objects = render(SCENARIOS[0])
+    assert not [o for o in objects if o["metadata"]["name"] == f"{RELEASE}-kv"]
+
+
+def test_ingress_routes_to_the_router_service(render):
+    objects = render(SCENARIOS[2])
+    ingress = one(objects, "Ingress", f"{RELEASE}-router")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": f"{RELEASE}-router", "port": {"name": "http"}}
+    assert ingress["spec"]["tls"][0]["secretName"] == "llm-example-tls"
+    assert not by_kind(render(SCENARIOS[0]), "Ingress")
+
+
+def test_operator_mode_flags(render):
+    def args(scenario):
+        dep = one(render(scenario), "Deployment", f"{RELEASE}-operator")
+        return dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert "--all-namespaces" in args(SCENARIOS[0])
+    namespaced = args(SCENARIOS[3])
+    assert "--all-namespaces" not in namespaced
+    assert [a for a in namespaced if a.startswith("--namespace=")] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+    ]
+
+
+def test_operator_probes_use_the_liveness_endpoint(render):
+    container = one(render(SCENARIOS[0]), "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    liveness = [a for a in container["args"] if a.startswith("--liveness=")]
+    assert liveness == ["--liveness=http://0.0.0.0:8080/healthz"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+
+
+def test_servicemonitor_needs_both_the_switch_and_the_api(render):
+    with_api = render(SCENARIOS[4])
+    monitor = one(with_api, "ServiceMonitor", f"{RELEASE}-router")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        one(with_api, "Service", f"{RELEASE}-router")["metadata"]["labels"].items()
+    )
+    pods = one(with_api, "PodMonitor", f"{RELEASE}-workers")
+    assert pods["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "tusk-worker"
+    assert pods["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    # Switch on but the cluster lacks the Prometheus Operator: nothing rendered, install still works.
+    without_api = render(Scenario("servicemonitor-no-api", ("servicemonitor.yaml",)))
+    assert not [o for o in without_api if o["apiVersion"].startswith("monitoring.coreos.com")]
+    # API present but switch off: nothing either.
+    assert not [o for o in render(Scenario("api-only", (), (MONITORING_API,))) if "Monitor" in o["kind"]]
+
+
+def test_namespaced_pod_monitor_watches_only_the_operator_namespaces(render):
+    pods = one(render(SCENARIOS[5]), "PodMonitor", f"{RELEASE}-workers")
+    assert pods["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
+def test_dashboard_configmap_holds_valid_grafana_json(render):
+    cm = one(render(SCENARIOS[0]), "ConfigMap", f"{RELEASE}-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["tusk.json"])
+    assert dashboard["uid"] == "tusk-overview"
+    assert len([p for p in dashboard["panels"] if p["type"] != "row"]) >= 10
+
+
+def test_helm_test_hook_sends_a_chat_completion(render):
+    pod = one(render(SCENARIOS[0]), "Pod", f"{RELEASE}-test-chat")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["URL"] == f"http://{RELEASE}-router.{NAMESPACE}.svc:80/v1/chat/completions"
+    body = json.loads(env["BODY"])
+    assert body["model"] == "tiny" and body["messages"][0]["role"] == "user" and body["max_tokens"] == 8
+    assert re.fullmatch(r"docker\.io/curlimages/curl:\d+\.\d+\.\d+", container["image"])
+    assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_notes_say_how_to_reach_the_router_and_apply_a_model(tools):
+    # `helm install --dry-run=client` renders NOTES.txt without a cluster.
+    for scenario, expected in (
+        (SCENARIOS[0], "port-forward svc/tusk-router"),
+        (SCENARIOS[2], "https://llm.example.com/v1"),
+    ):
+        args = ["install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE]
+        for name in scenario.values:
+            args += ["--values", str(VALUES_DIR / name)]
+        out = tools.run(tools.helm, *args).stdout
+        notes = out.split("NOTES:", 1)[1]
+        assert expected in notes
+        assert (
+            "kind: ModelDeployment" in notes
+            and "kubectl -n tusk-system wait --for=condition=Ready md/tiny" in notes
+        )
+
+
+def test_crds_are_installed_from_the_crds_folder(render):
+    crds = by_kind(render(SCENARIOS[0], "--include-crds"), "CustomResourceDefinition")
+    names = {c["metadata"]["name"] for c in crds}
+    assert "modeldeployments.tusk.dev" in names
+    assert not by_kind(render(SCENARIOS[0]), "CustomResourceDefinition"), (
+        "CRDs must not be templates (helm keeps them)"
+    )
