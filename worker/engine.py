@@ -8,8 +8,8 @@ next step, so no lock is ever held across a forward pass.
 
 from __future__ import annotations
 
+import asyncio
 import collections
-import concurrent.futures
 import logging
 import threading
 import time
@@ -22,18 +22,18 @@ import tusk.kernels as K
 from tusk.kernels.sampling_core import reseed_process_generator
 from tusk.worker import loader
 from tusk.worker.block_manager import BlockManager
-from tusk.worker.connector import KvConnector
+from tusk.worker.connector import KvConnector, TierConnector
+from tusk.worker.kv_transfer import kv_fingerprint
 from tusk.worker.model_runner import ModelRunner
 from tusk.worker.models.llama import LlamaModel
 from tusk.worker.scheduler import Scheduler
 from tusk.worker.sequence import FinishReason, SamplingParams, Sequence
 
-from tusk.config import EngineConfig, Role
+from tusk.config import EngineConfig, KVTierConfig, Role
 from tusk.kvformat import ModelFingerprint
 
 log = logging.getLogger("tusk.worker.engine")
 
-KV_LAYOUT = "L2NTHD"  # kv_cache[layer, k|v, block, token, kv_head, dim]
 _CPU_KV_BYTES_CAP = 1 << 30
 
 
@@ -51,9 +51,6 @@ class RequestOutput:
     cached_tokens: int = 0  # prompt tokens whose KV was reused (device cache or tier)
     computed_tokens: int = 0
     block_hashes: list[int] = field(default_factory=list)  # full prompt blocks (prefill results)
-    # Background tier writes of this request's blocks (prefill role); result = blocks written.
-    tier_writes: list[concurrent.futures.Future[int]] = field(default_factory=list)
-    tier_blocks_known: int = 0  # leading prompt blocks already known to be in the tier
 
 
 @dataclass
@@ -78,8 +75,11 @@ class LLMEngine:
         config: EngineConfig | None = None,
         role: Role = Role.BOTH,
         connector_factory: Callable[[LLMEngine], KvConnector | None] | None = None,
-        write_through: bool = True,
+        kv_tier: KVTierConfig | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        """``kv_tier`` attaches the host cache / shared tier (built on ``loop``, or on a private
+        background loop); ``connector_factory`` attaches any other ``KvConnector`` instead."""
         self.config = config = config or EngineConfig()
         self.role = Role(role)
         if config.kernel_backend:
@@ -111,19 +111,17 @@ class LLMEngine:
             device=self.device,
         )
         self.load_time_s = time.monotonic() - started
-        self.fingerprint = ModelFingerprint(
-            model=loader.model_digest(self.folder),
-            dtype=str(self.dtype).removeprefix("torch."),
-            layout=KV_LAYOUT,
-            block_size=self.block_size,
-            num_layers=spec.num_layers,
-            num_kv_heads=spec.num_kv_heads,
-            head_dim=spec.head_dim,
-        )
+        self.model_id = loader.model_digest(self.folder)
+        # Same fingerprint as the tier's keys use, whether or not a tier is attached.
+        self.fingerprint: ModelFingerprint = kv_fingerprint(self.model_id, self.kv_cache)
         self.blocks = BlockManager(self.num_blocks, self.block_size)
         self.runner = ModelRunner(self.model, self.kv_cache, self.block_size)
-        self.connector = connector_factory(self) if connector_factory else None
-        self.write_through = write_through and self.connector is not None and self.role is not Role.DECODE
+        self.connector: KvConnector | None = None
+        if connector_factory is not None:
+            self.connector = connector_factory(self)
+        elif kv_tier is not None:
+            self.connector = TierConnector.create(kv_tier, self.kv_cache, self.model_id, loop)
+        self.write_through = self.connector is not None and self.role is not Role.DECODE
         self.scheduler = Scheduler(
             self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self.connector
         )
@@ -135,9 +133,6 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._pending_outputs: list[RequestOutput] = []
         self._events: list[KvEventRecord] = []
-        self._tier_known: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self._tier_known_lock = threading.Lock()
-        self._request_writes: dict[str, list[concurrent.futures.Future[int]]] = {}
         # Counters and recent rates for the load report and metrics.
         self.num_steps = 0
         self.num_generated_tokens = 0
@@ -346,37 +341,22 @@ class LLMEngine:
 
     def _write_through(self, new_full: list[tuple[Sequence, int, int]]) -> None:
         assert self.connector is not None
-        hashes = [h for _, h, _ in new_full]
-        future = self.connector.save(hashes, [b for _, _, b in new_full])
-
-        def remember(done: concurrent.futures.Future[int]) -> None:
-            try:
-                written = int(done.result())
-            except Exception:  # noqa: BLE001 - a failed write only means the tier lacks them
-                return
-            with self._tier_known_lock:
-                for h in hashes[:written]:
-                    self._tier_known[h] = None
-                    self._tier_known.move_to_end(h)
-                while len(self._tier_known) > 1 << 20:
-                    self._tier_known.popitem(last=False)
-
-        future.add_done_callback(remember)
-        for seq in {id(s): s for s, _, _ in new_full}.values():
-            self._request_writes.setdefault(seq.request_id, []).append(future)
+        by_request: dict[str, tuple[list[int], list[int]]] = {}
+        for seq, block_hash, block in new_full:
+            hashes, ids = by_request.setdefault(seq.request_id, ([], []))
+            hashes.append(block_hash)
+            ids.append(block)
+        for request_id, (hashes, ids) in by_request.items():
+            self.connector.save(request_id, hashes, ids)
 
     def _final(self, seq: Sequence, tokens: list[int], reason: FinishReason | None = None) -> RequestOutput:
         reason = reason or seq.finish_reason or FinishReason.ABORT
         with self._live_lock:
             self._live.discard(seq.request_id)
         self._seqs.pop(seq.request_id, None)
+        if self.connector is not None:
+            self.connector.finish(seq.request_id, keep=seq.prefill_only and reason is not FinishReason.ABORT)
         prompt_hashes = seq.full_block_hashes(self.block_size)[: len(seq.prompt) // self.block_size]
-        with self._tier_known_lock:
-            known = 0
-            for h in prompt_hashes:
-                if h not in self._tier_known:
-                    break
-                known += 1
         cached = max(seq.num_cached_prompt, 0)
         return RequestOutput(
             seq.request_id,
@@ -387,8 +367,6 @@ class LLMEngine:
             cached_tokens=cached,
             computed_tokens=len(seq.prompt) - cached,
             block_hashes=prompt_hashes,
-            tier_writes=self._request_writes.pop(seq.request_id, []),
-            tier_blocks_known=known,
         )
 
     def _note_step(self, batch_size: int, prefill_tokens: int, elapsed: float) -> None:
@@ -420,10 +398,6 @@ class LLMEngine:
                 KvEventRecord(events[i].stored, "device", [e.block_hash for e in events[i:j]])
             )
             i = j
-        drain = getattr(self.connector, "drain_events", None)
-        if drain is not None:
-            for stored, medium, hashes in drain():
-                self._events.append(KvEventRecord(bool(stored), str(medium), list(hashes)))
 
     def drain_kv_events(self) -> list[KvEventRecord]:
         """Events since the last call (step thread only; the server forwards them)."""
