@@ -1,64 +1,59 @@
 """Bridge between the engine's paged KV cache tensor and the shared KV tier (host LRU + Redis).
 
-Contract with the engine (worker/engine.py)
--------------------------------------------
-The engine owns one tensor ``kv_cache[L, 2, N, block_size, Hkv, D]`` and a block manager that
-maps block hashes (``tusk.hashing.block_hashes``) to block ids. It uses this module as follows:
+The engine (worker/engine.py) is synchronous and runs on its own thread; this class is asyncio
+and lives on one event loop, where the Redis client's connections live. ``worker/connector.py``'s
+``TierConnector`` adapts the two with concurrent futures. The contract:
 
-* Build once, on the worker's event loop, after allocating the cache::
+* Construct on the loop it will serve from: ``KVTransfer.from_config(kv_tier_config, kv_cache,
+  model_id)`` (None if the config enables neither a host cache nor a tier). ``fingerprint`` is
+  the ``ModelFingerprint`` of the cache (``kv_fingerprint``); report its digest in Health.
+* ``await load_prefix(hashes, block_ids) -> int`` (on the loop): fill the reserved blocks with
+  the blocks ``hashes`` in order, from the host cache, then Redis in pipelined chunks, stopping
+  at the first miss. Chunk i+1 is on the wire while chunk i is copied into the cache (on a worker
+  thread, so the loop keeps reading). Returns how many *leading* blocks were filled; any tier
+  fault only lowers it, never raises, and costs at most about ``KVTierConfig.timeout_s`` per chunk.
+* ``save_blocks(request_id, hashes, block_ids)`` (any thread, e.g. the engine's): copies the
+  blocks out *before returning* (the engine reuses the ids right after), straight into value
+  buffers laid out ``header | payload`` so the tier write needs no further copy; the checksum,
+  the host-cache insert and the background tier write then run on the loop.
+* ``await flush(request_id, timeout) -> int``: blocks of the request durable in the tier. A
+  prefill worker awaits it before answering Prefill (and reports it as ``blocks_in_tier``), which
+  is what lets the decode worker rely on finding the prompt's blocks. ``forget(request_id)`` for
+  requests nobody will flush (their writes still complete); a save that arrives after ``forget``
+  is not tracked either.
+* ``subscribe(listener)``: ``tusk.kvtier.events.KVEvent`` for host-cache and tier changes (call
+  ``start_tier_watch`` to include the tier's own evictions); ``events.to_proto`` makes the
+  ``KvEvent`` message. ``await close()`` on shutdown.
 
-      transfer = KVTransfer.from_config(worker_config.kv_tier, kv_cache, model_id=model_digest(folder))
-      # None when the config asks for neither a host cache nor a tier
-
-  ``transfer.fingerprint`` is the ``ModelFingerprint`` of this cache (report its ``digest()``
-  in Health.kv_fingerprint).
-
-* Before computing a prompt, for the blocks past the device-cache hit, allocate block ids and
-  ``loaded = await transfer.load_prefix(hashes[hit:], new_block_ids)``. The first ``loaded``
-  blocks now hold their KV (register their hashes in the block manager); compute the rest.
-  Blocks come from the host cache, then Redis in pipelined chunks, stopping at the first miss;
-  chunk i+1 is on the wire while chunk i is copied into the cache on a worker thread.
-  Any tier fault just lowers ``loaded`` (down to 0): never an exception, never a hang beyond
-  ``KVTierConfig.timeout_s`` per chunk.
-
-* After a step fills full blocks, ``transfer.save_blocks(request_id, hashes, block_ids)``.
-  It copies the blocks out *now* (so the ids may be reused right after it returns) and writes
-  them to the host cache and, in the background, to the tier. Callable from the engine thread or
-  the event loop. A prefill worker then does ``n = await transfer.flush(request_id, timeout)``
-  before answering Prefill, and reports ``n`` as ``blocks_in_tier``: the decode worker can rely on
-  those blocks being in the tier. Cancelled requests call ``transfer.forget(request_id)``.
-
-* KV events (host cache stored/evicted, tier stored/evicted/cleared) go to listeners added with
-  ``transfer.subscribe(callback)``; ``tusk.kvtier.events.to_proto`` converts one to a
-  ``KvEvent`` for StreamKvEvents. Call ``await transfer.start_tier_watch()`` to also learn of
-  blocks the tier evicted (keyspace notifications).
-
-* ``await transfer.close()`` on shutdown.
-
-The copies use ``tusk.kernels.gather_kv_blocks`` / ``scatter_kv_blocks`` when the kernels
-package exports them, plain torch indexing otherwise (same result).
+Copies use ``tusk.kernels.gather_kv_blocks`` / ``scatter_kv_blocks`` when the kernels package
+exports them, plain torch indexing otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import math
 import threading
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
 
 from tusk.kvformat import ModelFingerprint
 from tusk.kvtier import metrics
-from tusk.kvtier.client import KVTierClient, new_value_buffer, seal_value
+from tusk.kvtier.client import KVTierClient, header_size, new_value_buffer, seal_value
 from tusk.kvtier.events import EventListener
 from tusk.kvtier.host_cache import CachedBlock, HostBlockCache
 from tusk.kvtier.store import TieredBlockStore
 from tusk.kvtier.watch import TierEvictionWatcher
 
-LAYOUT = "L2THD"  # one block = [layers, K/V, tokens, kv heads, head dim], contiguous
+log = logging.getLogger(__name__)
+
+_FORGOTTEN_MAX = 4096
+LAYOUT = "L2NTHD"  # the engine's cache layout; one block is [layers, K/V, tokens, kv heads, dim]
 
 _TORCH_TO_NAME = {
     torch.float32: "float32",
@@ -88,7 +83,7 @@ def _kernels() -> tuple[Callable, Callable]:
 
 
 def kv_fingerprint(model_id: str, kv_cache: torch.Tensor) -> ModelFingerprint:
-    """The fingerprint of blocks taken from ``kv_cache`` of the model ``model_id``."""
+    """The fingerprint of blocks of ``kv_cache`` (same fields as the engine's own fingerprint)."""
     if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
         raise ValueError(f"kv_cache must be [L, 2, N, block_size, Hkv, D], got {tuple(kv_cache.shape)}")
     if kv_cache.dtype not in _TORCH_TO_NAME:
@@ -116,36 +111,46 @@ class KVTransfer:
         max_snapshot_bytes: int = 256 << 20,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        """Binds to ``loop`` or, by default, the running loop (construct it there)."""
+        if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
+            raise ValueError(f"kv_cache must be [L, 2, N, block_size, Hkv, D], got {tuple(kv_cache.shape)}")
+        if chunk_blocks <= 0:
+            raise ValueError(f"chunk_blocks must be positive, got {chunk_blocks}")
         self.kv_cache = kv_cache
         self.store = store
         self.fingerprint = fingerprint
         self.chunk_blocks = chunk_blocks
         self.max_snapshot_bytes = max_snapshot_bytes
-        self.block_shape = (kv_cache.shape[0], 2, *kv_cache.shape[3:])
+        self.block_shape = (int(kv_cache.shape[0]), 2, *(int(d) for d in kv_cache.shape[3:]))
         self.dtype_name = _TORCH_TO_NAME[kv_cache.dtype]
+        self._value_nbytes = header_size(len(self.block_shape)) + kv_cache.element_size() * math.prod(
+            self.block_shape
+        )
         self._loop = loop or asyncio.get_running_loop()
         self._gather, self._scatter = _kernels()
         self._lock = threading.Lock()
-        self._snapshots: dict[str, list[concurrent.futures.Future]] = defaultdict(list)
+        self._requests: dict[str, list[concurrent.futures.Future[int]]] = defaultdict(list)
+        self._forgotten: OrderedDict[str, None] = OrderedDict()
+        self._saving: set[concurrent.futures.Future[int]] = set()
         self._snapshot_bytes = 0
         self._watcher: TierEvictionWatcher | None = None
+        self._closed = False
 
     @classmethod
     def from_config(
         cls,
         config,
         kv_cache: torch.Tensor,
-        model_id: str,
+        model_id: str | ModelFingerprint,
         *,
         host_cache_bytes: int | None = None,
         **kwargs,
     ) -> KVTransfer | None:
-        """Build from a ``KVTierConfig``; None if it enables neither host cache nor tier.
-
-        Must run on the event loop the worker serves from.
-        """
-        fingerprint = kv_fingerprint(model_id, kv_cache)
-        block_shape = (kv_cache.shape[0], 2, *kv_cache.shape[3:])
+        """Build from a ``KVTierConfig``; None if it enables neither a host cache nor a tier."""
+        fingerprint = (
+            model_id if isinstance(model_id, ModelFingerprint) else kv_fingerprint(model_id, kv_cache)
+        )
+        block_shape = (int(kv_cache.shape[0]), 2, *(int(d) for d in kv_cache.shape[3:]))
         tier = KVTierClient.from_config(config, fingerprint, block_shape=block_shape) if config.url else None
         host = (
             HostBlockCache(config.host_cache_blocks, host_cache_bytes) if config.host_cache_blocks else None
@@ -153,15 +158,17 @@ class KVTransfer:
         if tier is None and host is None:
             return None
         store = TieredBlockStore(host, tier, write_through=config.write_through)
-        return cls(kv_cache, store, fingerprint, max_snapshot_bytes=config.max_inflight_bytes, **kwargs)
+        kwargs.setdefault("max_snapshot_bytes", config.max_inflight_bytes)
+        return cls(kv_cache, store, fingerprint, **kwargs)
 
     # -- events ----------------------------------------------------------------------------
 
     def subscribe(self, listener: EventListener) -> Callable[[], None]:
+        """Call ``listener(KVEvent)`` on every host-cache and tier change; returns unsubscribe."""
         return self.store.events.subscribe(listener)
 
     async def start_tier_watch(self) -> bool:
-        """Start forwarding tier evictions as events; False if the server does not allow it."""
+        """Also report the tier's own evictions; False if the server does not allow it."""
         if self.store.tier is None or self._watcher is not None:
             return False
         self._watcher = TierEvictionWatcher(self.store.tier.url, self.fingerprint, self.store.events)
@@ -172,15 +179,17 @@ class KVTransfer:
     async def load_prefix(self, hashes: Sequence[int], block_ids: Sequence[int]) -> int:
         """Fill ``block_ids`` with the blocks ``hashes`` in order; returns how many leading ones."""
         n = min(len(hashes), len(block_ids))
-        loaded = 0
-        if n == 0:
+        if n == 0 or self._closed:
             return 0
+        loaded = 0
         stream = self.store.fetch_prefix(list(hashes[:n]), self.chunk_blocks)
         try:
             async for chunk in stream:
                 ids = list(block_ids[loaded : loaded + len(chunk)])
                 await asyncio.to_thread(self._copy_in, chunk, ids)
                 loaded += len(chunk)
+        except Exception:  # noqa: BLE001 - whatever went wrong, the blocks loaded so far are good
+            log.exception("KV tier load stopped after %d blocks", loaded)
         finally:
             await stream.aclose()
         return loaded
@@ -188,26 +197,26 @@ class KVTransfer:
     def _copy_in(self, chunk: list[CachedBlock], block_ids: list[int]) -> None:
         dtype = self.kv_cache.dtype
         with warnings.catch_warnings():
-            # Reply bytes are read-only; we only read them (copied into the cache below).
+            # Reply bytes are read-only; they are only read here (copied into the cache below).
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             tensors = [torch.frombuffer(b.payload, dtype=dtype).view(self.block_shape) for b in chunk]
-        blocks = torch.stack(tensors).to(self.kv_cache.device, non_blocking=True)
+        blocks = torch.stack(tensors).to(self.kv_cache.device)
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.kv_cache.device)
         self._scatter(blocks, self.kv_cache, ids)
 
     # -- saving ----------------------------------------------------------------------------
 
     def save_blocks(self, request_id: str, hashes: Sequence[int], block_ids: Sequence[int]) -> bool:
-        """Snapshot full blocks now and store them (host cache + background tier write).
+        """Snapshot blocks now, then cache and write them through in the background.
 
-        Returns False if the snapshot was skipped because too many bytes are still queued.
-        Safe to call from the engine thread or the event loop.
+        Returns False if nothing was saved: closed, or ``max_snapshot_bytes`` already queued
+        (counted in ``tusk_kvtier_dropped_writes_total{reason="inflight_full"}``).
         """
         if len(hashes) != len(block_ids):
             raise ValueError(f"{len(hashes)} hashes but {len(block_ids)} block ids")
-        if not hashes:
-            return True
-        nbytes = len(hashes) * self._block_nbytes()
+        if self._closed or not hashes:
+            return False
+        nbytes = len(hashes) * self._value_nbytes
         with self._lock:
             if self._snapshot_bytes + nbytes > self.max_snapshot_bytes:
                 metrics.DROPPED_WRITES.labels("inflight_full").inc(len(hashes))
@@ -220,17 +229,18 @@ class KVTransfer:
                 self._snapshot_bytes -= nbytes
             raise
         future = asyncio.run_coroutine_threadsafe(
-            self._seal_and_store(request_id, list(hashes), buffers, nbytes), self._loop
+            self._seal_and_store(list(hashes), buffers, nbytes), self._loop
         )
         with self._lock:
-            self._snapshots[request_id].append(future)
+            self._saving.add(future)
+            if request_id not in self._forgotten:
+                self._requests[request_id].append(future)
+        future.add_done_callback(self._saved)
         return True
 
-    def _block_nbytes(self) -> int:
-        n = self.kv_cache.element_size()
-        for dim in self.block_shape:
-            n *= dim
-        return n
+    def _saved(self, future: concurrent.futures.Future[int]) -> None:
+        with self._lock:
+            self._saving.discard(future)
 
     def _copy_out(self, block_ids: Sequence[int]) -> list[bytearray]:
         ids = torch.tensor(list(block_ids), dtype=torch.long, device=self.kv_cache.device)
@@ -238,14 +248,11 @@ class KVTransfer:
         buffers = []
         for i in range(len(block_ids)):
             buf, payload = new_value_buffer(self.dtype_name, self.block_shape)
-            target = torch.frombuffer(payload, dtype=self.kv_cache.dtype).view(self.block_shape)
-            target.copy_(gathered[i])
+            torch.frombuffer(payload, dtype=self.kv_cache.dtype).view(self.block_shape).copy_(gathered[i])
             buffers.append(buf)
         return buffers
 
-    async def _seal_and_store(
-        self, request_id: str, hashes: list[int], buffers: list[bytearray], nbytes: int
-    ) -> int:
+    async def _seal_and_store(self, hashes: list[int], buffers: list[bytearray], nbytes: int) -> int:
         """Checksum, cache and write one snapshot; returns how many blocks reached the tier."""
         try:
             # The checksum pass is the only CPU work on the write path; zlib drops the GIL.
@@ -253,6 +260,9 @@ class KVTransfer:
                 lambda: [seal_value(b, self.dtype_name, self.block_shape) for b in buffers]
             )
             write = self.store.store(None, hashes, values)
+        except Exception:  # noqa: BLE001 - a lost write is only a future miss
+            log.exception("KV tier write of %d blocks failed", len(hashes))
+            return 0
         finally:
             with self._lock:
                 self._snapshot_bytes -= nbytes
@@ -264,26 +274,33 @@ class KVTransfer:
         Writes still running at the timeout keep going in the background but are not counted.
         """
         with self._lock:
-            futures = self._snapshots.pop(request_id, [])
+            futures = self._requests.pop(request_id, [])
         if not futures:
             return 0
         waiting = [asyncio.wrap_future(f) for f in futures]
         await asyncio.wait(waiting, timeout=timeout)
-        written = 0
-        for fut in waiting:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                written += fut.result()
-        return written
+        return sum(f.result() for f in waiting if f.done() and not f.cancelled() and f.exception() is None)
 
     def forget(self, request_id: str) -> None:
-        """Stop tracking a request's saves (they still complete); for cancelled requests."""
+        """Stop tracking a request's saves, present and future (they still complete)."""
         with self._lock:
-            self._snapshots.pop(request_id, None)
+            self._requests.pop(request_id, None)
+            self._forgotten[request_id] = None
+            while len(self._forgotten) > _FORGOTTEN_MAX:
+                self._forgotten.popitem(last=False)
 
     async def contains(self, hashes: Sequence[int]) -> list[bool]:
         return await self.store.contains(hashes)
 
     async def close(self) -> None:
+        """Let queued writes finish (bounded by the tier timeout), then close the client."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            saving = [asyncio.wrap_future(f) for f in self._saving]
+        if saving:
+            await asyncio.wait(saving, timeout=self.store.tier.timeout_s if self.store.tier else 5.0)
         if self._watcher is not None:
             await self._watcher.stop()
         await self.store.close()

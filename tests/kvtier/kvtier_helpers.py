@@ -10,7 +10,9 @@ from tusk.kvformat import ModelFingerprint
 TINY_BLOCK = (4, 2, 16, 2, 32)  # layers, K/V, tokens, kv heads, head dim: the tiny model's
 
 
-def fingerprint(dtype: str = "float32", shape: tuple[int, ...] = TINY_BLOCK, model: str = "m") -> ModelFingerprint:
+def fingerprint(
+    dtype: str = "float32", shape: tuple[int, ...] = TINY_BLOCK, model: str = "m"
+) -> ModelFingerprint:
     layers, _, block_size, heads, dim = shape
     return ModelFingerprint(model, dtype, "L2THD", block_size, layers, heads, dim)
 
