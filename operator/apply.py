@@ -1,0 +1,177 @@
+"""Create-or-patch for owned children: idempotent, drift-correcting, never stealing.
+
+A child is compared with its desired form as a *subset*: the API server adds defaults (container
+``terminationMessagePath``, Service ``clusterIPs`` ...) that must not count as drift, while any
+field the operator sets and someone changed does. The fix is a JSON merge patch, which replaces
+lists whole (so a container list is exact) and deletes map keys the operator set earlier but no
+longer wants (``null``), only under the maps it owns outright.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tusk.operator.kube import ApiError, Kube
+
+# Maps the operator owns completely: extra keys found there are removed, not kept.
+OWNED_MAPS: dict[str, list[tuple[str, ...]]] = {
+    "Deployment": [
+        ("spec", "template", "spec", "nodeSelector"),
+        ("spec", "template", "spec", "affinity"),
+        ("spec", "template", "metadata", "annotations"),
+    ],
+    "ConfigMap": [("data",)],
+}
+# Pod-spec lists the operator may stop setting: an absent desired list means "remove".
+OWNED_OPTIONAL = {
+    "Deployment": [
+        ("spec", "template", "spec", "initContainers"),
+        ("spec", "template", "spec", "tolerations"),
+        ("spec", "template", "spec", "nodeSelector"),
+        ("spec", "template", "spec", "affinity"),
+    ]
+}
+
+
+def _scalar_equal(desired: Any, live: Any) -> bool:
+    # Quantities come back as strings ("1" for 1); ints and their string form are the same value.
+    return desired == live or (
+        isinstance(desired, int | str) and isinstance(live, int | str) and str(desired) == str(live)
+    )
+
+
+def is_subset(desired: Any, live: Any) -> bool:
+    """True if every field in ``desired`` has the same value in ``live`` (lists: same length, items subset)."""
+    if isinstance(desired, dict):
+        return isinstance(live, dict) and all(k in live and is_subset(v, live[k]) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (
+            isinstance(live, list)
+            and len(desired) == len(live)
+            and all(is_subset(d, item) for d, item in zip(desired, live, strict=True))
+        )
+    return _scalar_equal(desired, live)
+
+
+def _get(obj: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        if not isinstance(obj, dict) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def _set(obj: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        obj = obj.setdefault(part, {})
+    obj[path[-1]] = value
+
+
+def drift_patch(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any] | None:
+    """A merge patch that brings ``live`` to ``desired``, or None when nothing differs."""
+    kind = desired["kind"]
+    patch: dict[str, Any] = {}
+    for key in ("spec", "data"):
+        if key in desired:
+            patch[key] = desired[key]
+    patch["metadata"] = {
+        "labels": desired["metadata"].get("labels", {}),
+        "ownerReferences": desired["metadata"]["ownerReferences"],
+    }
+    removals = False
+    for path in OWNED_MAPS.get(kind, []):
+        live_map, desired_map = _get(live, path), _get(desired, path) or {}
+        if isinstance(live_map, dict):
+            extra = {k: None for k in live_map if k not in desired_map}
+            if extra and desired_map:
+                removals = True
+                _set(patch, path, {**desired_map, **extra})
+    for path in OWNED_OPTIONAL.get(kind, []):
+        if _get(desired, path) is None and _get(live, path) not in (None, {}, []):
+            removals = True
+            _set(patch, path, None)
+    if not removals and is_subset(desired, live):
+        return None
+    return patch
+
+
+def owned_by(live: dict[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in live.get("metadata", {}).get("ownerReferences") or [])
+
+
+def _ident(obj: dict[str, Any]) -> str:
+    return f"{obj['kind']} {obj['metadata']['name']}"
+
+
+@dataclass
+class ApplyResult:
+    created: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)  # same name, someone else's object: left alone
+    live: dict[str, dict[str, Any]] = field(default_factory=dict)  # "Kind name" -> object after apply
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.created or self.repaired)
+
+
+async def apply_child(kube: Kube, desired: dict[str, Any], owner_uid: str, result: ApplyResult) -> None:
+    kind, meta = desired["kind"], desired["metadata"]
+    ident = _ident(desired)
+    live = await kube.get(kind, meta["namespace"], meta["name"])
+    if live is None:
+        try:
+            result.live[ident] = await kube.create(desired)
+            result.created.append(ident)
+            return
+        except ApiError as exc:
+            if exc.status != 409:  # created meanwhile (a re-delivered event): fall through to patch
+                raise
+            live = await kube.get(kind, meta["namespace"], meta["name"])
+            if live is None:
+                raise
+    if not owned_by(live, owner_uid):
+        result.conflicts.append(ident)
+        result.live[ident] = live
+        return
+    patch = drift_patch(desired, live)
+    if patch is None:
+        result.unchanged.append(ident)
+        result.live[ident] = live
+        return
+    result.live[ident] = await kube.patch(kind, meta["namespace"], meta["name"], patch)
+    result.repaired.append(ident)
+
+
+async def apply_children(kube: Kube, children: list[dict[str, Any]], owner_uid: str) -> ApplyResult:
+    result = ApplyResult()
+    for child in children:
+        await apply_child(kube, child, owner_uid, result)
+    return result
+
+
+async def read_children(kube: Kube, children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Live objects of the desired children that exist (for status while paused or degraded)."""
+    live = {}
+    for child in children:
+        obj = await kube.get(child["kind"], child["metadata"]["namespace"], child["metadata"]["name"])
+        if obj is not None:
+            live[_ident(child)] = obj
+    return live
+
+
+async def delete_children(kube: Kube, children: list[dict[str, Any]], owner_uid: str) -> list[str]:
+    """Delete the children this owner owns (foreign objects with the same name are left alone)."""
+    deleted = []
+    for child in reversed(children):
+        kind, meta = child["kind"], child["metadata"]
+        live = await kube.get(kind, meta["namespace"], meta["name"])
+        if (
+            live is not None
+            and owned_by(live, owner_uid)
+            and await kube.delete(kind, meta["namespace"], meta["name"])
+        ):
+            deleted.append(_ident(child))
+    return deleted
