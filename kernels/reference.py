@@ -138,9 +138,10 @@ def _sequence_kv(
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_pos: int, scale: float):
     """Causal attention of q[Lq, Hq, D] at positions first_pos.. over keys/values[Lk, Hkv, D]."""
     group = q.shape[1] // keys.shape[1]
-    kf = keys.float().repeat_interleave(group, dim=1)
-    vf = values.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
+    math_dtype = torch.promote_types(q.dtype, torch.float32)
+    kf = keys.to(math_dtype).repeat_interleave(group, dim=1)
+    vf = values.to(math_dtype).repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.to(math_dtype), kf) * scale
     q_pos = first_pos + torch.arange(q.shape[0])[:, None]
     k_pos = torch.arange(keys.shape[0])[None, :]
     scores = scores.masked_fill((k_pos > q_pos).to(scores.device), float("-inf"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -149,7 +150,17 @@ def triton_available(kind: str) -> str | None:
         return "the triton package is not installed"
     if kind == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return "Triton runs on CPU only under TRITON_INTERPRET=1 (the interpreter, for tests)"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and not _triton_imported_for_interpreter():
+        return "TRITON_INTERPRET=1 was set after triton was imported; set it before the first import"
     return None
+
+
+def _triton_imported_for_interpreter() -> bool:
+    """Triton builds its standard library for the interpreter only if TRITON_INTERPRET=1 at import."""
+    if "triton" not in sys.modules:
+        return True
+    standard = sys.modules.get("triton.language.standard")
+    return standard is None or type(standard.sum).__name__ == "InterpretedFunction"
 
 
 def _choose(op: Op, kind: str, dtype: torch.dtype, args: tuple) -> Impl:

@@ -1,0 +1,218 @@
+"""Paged decode and prefill attention: every backend x dtype against the reference, plus the
+reference itself against SDPA on contiguous KV (so the reference is checked independently)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DTYPES, assert_close, paged_batch
+from tusk.kernels import reference as R
+from tusk.kernels import triton_backend
+
+from tusk import kernels as K
+
+# (head_dim, GQA group, block size); Triton under the interpreter gets the zipped subset.
+FULL_GRID = [(d, g, bs) for d in (64, 128) for g in (1, 4, 8) for bs in (16, 32)]
+SMALL_GRID = [(64, 1, 16), (128, 4, 32), (64, 8, 32)]
+
+
+def _scale(dim: int) -> float:
+    return dim**-0.5
+
+
+def _cases(grid_name: str):
+    grid = FULL_GRID if grid_name == "full" else SMALL_GRID
+    return [pytest.param(*case, id=f"d{case[0]}-g{case[1]}-bs{case[2]}") for case in grid]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,group,block_size", _cases("full"))
+def test_decode_torch(dtype, head_dim, group, block_size):
+    lens = [1, block_size, 2 * block_size, 37, 3 * block_size + 5, 200]
+    _check_decode("torch", dtype, head_dim, group, block_size, lens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,group,block_size", _cases("small"))
+def test_decode_triton(triton_ready, dtype, head_dim, group, block_size):
+    _check_decode("triton", dtype, head_dim, group, block_size, [1, block_size, 37])
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_decode_triton_split_context(triton_ready, splits, monkeypatch):
+    monkeypatch.setattr(triton_backend, "FORCED_DECODE_SPLITS", splits)
+    _check_decode("triton", torch.float32, 64, 4, 16, [1, 16, 70])
+
+
+def _check_decode(backend, dtype, head_dim, group, block_size, lens):
+    batch = paged_batch(lens, [1] * len(lens), block_size, 2, group, head_dim, dtype)
+    K.force_backend(backend)
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.context_lens, batch.block_tables, _scale(head_dim))
+    out = K.paged_decode_attention(*args)
+    assert_close(out, R.paged_decode_attention(*args))
+
+
+def _prefill_lens(block_size: int, small: bool):
+    """(context lens, query lens): fresh prompts, cached prefixes on and off block boundaries."""
+    if small:
+        return [1, block_size, 20], [1, block_size, 7]
+    return (
+        [1, block_size, 2 * block_size, 2 * block_size + 9, 40, 3 * block_size],
+        [1, block_size, block_size, 9, 40, 1],
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,group,block_size", _cases("full"))
+def test_prefill_torch(dtype, head_dim, group, block_size):
+    _check_prefill("torch", dtype, head_dim, group, block_size, *_prefill_lens(block_size, False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,group,block_size", _cases("small"))
+def test_prefill_triton(triton_ready, dtype, head_dim, group, block_size):
+    _check_prefill("triton", dtype, head_dim, group, block_size, *_prefill_lens(block_size, True))
+
+
+def _check_prefill(backend, dtype, head_dim, group, block_size, context_lens, query_lens):
+    kv_heads = 1 if group == 8 else 2
+    batch = paged_batch(context_lens, query_lens, block_size, kv_heads, group, head_dim, dtype, seed=7)
+    K.force_backend(backend)
+    args = (
+        batch.q,
+        batch.k_cache,
+        batch.v_cache,
+        batch.cu_seqlens_q,
+        batch.context_lens,
+        batch.block_tables,
+        _scale(head_dim),
+    )
+    assert_close(K.paged_prefill_attention(*args), R.paged_prefill_attention(*args))
+
+
+def _contiguous_kv(batch, row: int, length: int):
+    block_size = batch.k_cache.shape[1]
+    blocks = batch.block_tables[row, : -(-length // block_size)].long()
+    keys = batch.k_cache[blocks].flatten(0, 1)[:length]
+    values = batch.v_cache[blocks].flatten(0, 1)[:length]
+    return keys, values
+
+
+def test_reference_prefill_equals_causal_sdpa_on_contiguous_kv():
+    batch = paged_batch([20, 33], [20, 33], 16, 2, 4, 64, torch.float64, seed=3)
+    out = R.paged_prefill_attention(
+        batch.q,
+        batch.k_cache,
+        batch.v_cache,
+        batch.cu_seqlens_q,
+        batch.context_lens,
+        batch.block_tables,
+        0.125,
+    )
+    for row, (start, end) in enumerate([(0, 20), (20, 53)]):
+        keys, values = _contiguous_kv(batch, row, end - start)
+        expected = F.scaled_dot_product_attention(
+            batch.q[start:end].transpose(0, 1)[None],
+            keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None],
+            is_causal=True,
+            scale=0.125,
+            enable_gqa=True,
+        )[0].transpose(0, 1)
+        torch.testing.assert_close(out[start:end], expected)
+
+
+def test_chunked_prefill_equals_one_shot_prefill():
+    """A prompt prefilled in two chunks (prefix cached) attends exactly like one full prefill."""
+    full = paged_batch([45], [45], 16, 2, 4, 64, torch.float64, seed=5)
+    args = (full.k_cache, full.v_cache)
+    one_shot = R.paged_prefill_attention(
+        full.q, *args, full.cu_seqlens_q, full.context_lens, full.block_tables, 0.1
+    )
+    second_chunk = R.paged_prefill_attention(
+        full.q[30:],
+        *args,
+        torch.tensor([0, 15], dtype=torch.int32),
+        full.context_lens,
+        full.block_tables,
+        0.1,
+    )
+    torch.testing.assert_close(second_chunk, one_shot[30:])
+    K.force_backend("torch")
+    torch_chunk = K.paged_prefill_attention(
+        full.q[30:],
+        *args,
+        torch.tensor([0, 15], dtype=torch.int32),
+        full.context_lens,
+        full.block_tables,
+        0.1,
+    )
+    torch.testing.assert_close(torch_chunk, one_shot[30:])
+
+
+def test_reference_decode_equals_last_row_of_prefill():
+    batch = paged_batch([37, 16], [37, 16], 16, 2, 4, 64, torch.float64, seed=9)
+    prefill = R.paged_prefill_attention(
+        batch.q, batch.k_cache, batch.v_cache, batch.cu_seqlens_q, batch.context_lens, batch.block_tables, 0.2
+    )
+    last_rows = batch.q[[36, 52]]
+    decode = R.paged_decode_attention(
+        last_rows, batch.k_cache, batch.v_cache, batch.context_lens, batch.block_tables, 0.2
+    )
+    torch.testing.assert_close(decode, prefill[[36, 52]])
+
+
+def test_engine_flow_write_then_attend(backend):
+    """write_kv_cache for a chunk, then prefill over cached prefix + chunk, as the worker does."""
+    torch.manual_seed(0)
+    kv_cache = torch.zeros(2, 2, 8, 16, 2, 64)
+    layer = 1
+    tables = torch.tensor([[5, 2, 7]], dtype=torch.int32)
+    keys, values = torch.randn(40, 2, 64), torch.randn(40, 2, 64)
+    slots = torch.tensor([int(tables[0, p // 16]) * 16 + p % 16 for p in range(40)])
+    K.force_backend(backend)
+    K.write_kv_cache(keys[:25], values[:25], kv_cache[layer, 0], kv_cache[layer, 1], slots[:25])
+    K.write_kv_cache(keys[25:], values[25:], kv_cache[layer, 0], kv_cache[layer, 1], slots[25:])
+    q = torch.randn(15, 8, 64)
+    out = K.paged_prefill_attention(
+        q, kv_cache[layer, 0], kv_cache[layer, 1], torch.tensor([0, 15], dtype=torch.int32),
+        torch.tensor([40], dtype=torch.int32), tables, 0.125,
+    )  # fmt: skip
+    mask = torch.arange(40)[None, :] <= torch.arange(25, 40)[:, None]
+    expected = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+        attn_mask=mask, scale=0.125, enable_gqa=True,
+    )[0].transpose(0, 1)  # fmt: skip
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_empty_batches(backend):
+    K.force_backend(backend)
+    k_cache = torch.zeros(4, 16, 2, 64)
+    out = K.paged_decode_attention(
+        torch.empty(0, 4, 64), k_cache, k_cache, torch.empty(0, dtype=torch.int32),
+        torch.empty(0, 2, dtype=torch.int32), 0.1,
+    )  # fmt: skip
+    assert out.shape == (0, 4, 64)
+    out = K.paged_prefill_attention(
+        torch.empty(0, 4, 64), k_cache, k_cache, torch.zeros(1, dtype=torch.int32),
+        torch.empty(0, dtype=torch.int32), torch.empty(0, 2, dtype=torch.int32), 0.1,
+    )  # fmt: skip
+    assert out.shape == (0, 4, 64)
+
+
+def test_prefill_sequence_with_no_new_queries_in_batch(backend):
+    """A zero-length chunk inside a batch is skipped, and its neighbours are still right."""
+    batch = paged_batch([16, 5, 9], [3, 0, 9], 16, 2, 1, 64, torch.float32, seed=11)
+    K.force_backend(backend)
+    args = (
+        batch.q,
+        batch.k_cache,
+        batch.v_cache,
+        batch.cu_seqlens_q,
+        batch.context_lens,
+        batch.block_tables,
+        0.1,
+    )
+    assert_close(K.paged_prefill_attention(*args), R.paged_prefill_attention(*args))
