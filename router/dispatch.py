@@ -11,6 +11,7 @@ crash before the first token is invisible to the client. After the request, the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -139,8 +140,9 @@ class Generation:
     async def stream(self) -> AsyncIterator[list[int]]:
         """Yield token-id chunks; sets finish_reason, cached_tokens and timing as it goes."""
         try:
-            async for chunk in self._stream():
-                yield chunk
+            async with contextlib.aclosing(self._stream()) as chunks:
+                async for chunk in chunks:
+                    yield chunk
             self._ok = True
         finally:
             self._cancel_active()
@@ -176,8 +178,9 @@ class Generation:
                 return
             decode = decision.decode
         assert decode is not None
-        async for chunk in self._decode(decode, first_token):
-            yield chunk
+        async with contextlib.aclosing(self._decode(decode, first_token)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     def _raise_if_final(self, exc: grpc.aio.AioRpcError) -> None:
         code = exc.code()
@@ -206,7 +209,7 @@ class Generation:
             reply = await call
         finally:
             state.inflight -= 1
-            self._active = None
+            self._cancel_active()
         self.prefill_s = time.perf_counter() - started
         return reply
 
@@ -264,7 +267,7 @@ class Generation:
                     self.decision.decode = state
             finally:
                 running.inflight -= 1
-                self._active = None
+                self._cancel_active()
 
     # -- cleanup and feedback --------------------------------------------------------------------
 
@@ -274,7 +277,9 @@ class Generation:
             return
         client, call = self._active
         self._active = None
-        if not call.done():
+        # A call our task abandoned may already read as done (cancelled); the worker still needs
+        # the Cancel RPC, since a stream reset alone may leave its sequence queued.
+        if not call.done() or call.cancelled():
             call.cancel()
             client.cancel_soon(self.req.request_id)
 

@@ -10,6 +10,7 @@ GetModelInfo RPC, so a router in a cluster needs no copy of the model.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from datetime import datetime
@@ -69,11 +70,13 @@ class ModelTokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelTokenizer:
-        folder = Path(path)
-        if not (folder / "tokenizer.json").is_file():
+        """Load from a folder; cached per folder and file version, since a 100k-vocab tokenizer
+        takes about a second to build and several served names may share one folder."""
+        folder = Path(path).resolve()
+        main = folder / "tokenizer.json"
+        if not main.is_file():
             raise TokenizerError(f"no tokenizer.json in {folder}")
-        files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
-        return cls(files)
+        return _load_dir(folder, main.stat().st_mtime_ns)
 
     def _eos_ids(self, generation: dict[str, Any]) -> list[int]:
         raw = generation.get("eos_token_id")
@@ -111,6 +114,12 @@ class ModelTokenizer:
 
     def detokenizer(self) -> Detokenizer:
         return Detokenizer(self.tokenizer)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_dir(folder: Path, _version: int) -> ModelTokenizer:
+    files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+    return ModelTokenizer(files)
 
 
 class Detokenizer:

@@ -13,12 +13,11 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-
-from tusk.config import ModelRoute, Role, RouterConfig, RoutingConfig, WorkerEndpoint
+from router_fake_worker import FakeWorker, FakeWorkerState, start_fake_worker
 from tusk.router.app import Router, RouterOptions, _bind, build_server
 from tusk.router.tokenizer import ModelTokenizer
 
-from router_fake_worker import FakeWorker, FakeWorkerState, start_fake_worker
+from tusk.config import ModelRoute, Role, RouterConfig, RoutingConfig, WorkerEndpoint
 
 T = TypeVar("T")
 MODEL = "tiny"
@@ -93,7 +92,7 @@ class Harness:
 
     def close(self) -> None:
         async def stop() -> None:
-            for server, router in self._servers:
+            for server, _ in self._servers:
                 server.should_exit = True
             await asyncio.sleep(0.05)
             for _, router in self._servers:

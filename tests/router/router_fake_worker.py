@@ -88,7 +88,9 @@ class FakeWorker(rpc.WorkerServicer):
                 msg = pb.GenerateResponse(token_ids=ids, finish_reason=finish)
                 if first:
                     msg.prompt_tokens = len(prompt)
-                    msg.cached_tokens = 0 if start == 0 else (len(prompt) // self.s.block_size) * self.s.block_size
+                    msg.cached_tokens = (
+                        0 if start == 0 else (len(prompt) // self.s.block_size) * self.s.block_size
+                    )
                     first = False
                 yield msg
         except asyncio.CancelledError:
@@ -115,7 +117,9 @@ class FakeWorker(rpc.WorkerServicer):
         return pb.CancelResponse(found=True)
 
     async def GetLoad(self, request, context):  # noqa: N802
-        return pb.LoadReport(worker_id=self.s.worker_id, role=self.s.role, free_blocks=1000, total_blocks=1000)
+        return pb.LoadReport(
+            worker_id=self.s.worker_id, role=self.s.role, free_blocks=1000, total_blocks=1000
+        )
 
     async def StreamKvEvents(self, request, context):  # noqa: N802
         while True:

@@ -68,7 +68,9 @@ def test_request_id_header_is_honoured_or_made(two_worker_router) -> None:
     assert mine.headers["x-request-id"] == "abc-123"
     made = httpx.post(f"{url}/v1/completions", json=body)
     assert made.headers["x-request-id"].startswith("req-")
-    bad = httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "x"}, headers={"x-request-id": "r1"})
+    bad = httpx.post(
+        f"{url}/v1/completions", json={"model": "nope", "prompt": "x"}, headers={"x-request-id": "r1"}
+    )
     assert bad.status_code == 404 and bad.headers["x-request-id"] == "r1"
 
 

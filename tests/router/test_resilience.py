@@ -1,0 +1,123 @@
+"""Failing workers, full queues and vanishing clients: the router degrades cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import MODEL, REPLY
+
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_worker_failing_before_first_token_is_retried_elsewhere(harness) -> None:
+    bad, eb = harness.worker(fail_before_first=True)
+    good, eg = harness.worker()
+    _, url = harness.router([eb, eg])  # round robin: some requests land on `bad` first
+    for _ in range(4):
+        resp = httpx.post(f"{url}/v1/chat/completions", json=BODY)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["message"]["content"] == REPLY
+    assert bad.s.generate_calls, "the failing worker was never tried"
+    assert len(good.s.generate_calls) == 4
+    assert "tusk_router_worker_retries_total" in httpx.get(f"{url}/metrics").text
+
+
+def test_worker_killed_before_request_is_skipped(harness) -> None:
+    dead, ed = harness.worker()
+    good, eg = harness.worker()
+    _, url = harness.router([ed, eg])
+    harness.kill(dead)  # the router has not noticed yet: the request itself finds out
+    for _ in range(3):
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**BODY, "stream": True}) as resp:
+            assert resp.status_code == 200
+            lines = [ln for ln in resp.iter_lines() if ln]
+        assert lines[-1] == "data: [DONE]"
+        assert not any('"error"' in ln for ln in lines)
+
+
+def test_worker_killed_mid_stream_gives_clean_error_event(harness) -> None:
+    _, endpoint = harness.worker(die_after_tokens=3)
+    _, url = harness.router([endpoint])
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json={**BODY, "stream": True}, timeout=20
+    ) as resp:
+        assert resp.status_code == 200
+        lines = [ln for ln in resp.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    assert '"error"' in lines[-2] and "mid-stream" in lines[-2]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.APIError):  # the SDK surfaces the error event as an exception
+        for _ in client.chat.completions.create(**BODY, stream=True):
+            pass
+
+
+def test_no_ready_worker_is_503(harness) -> None:
+    worker, endpoint = harness.worker()
+    harness.kill(worker)
+    _, url = harness.router([endpoint], wait_ready=False)
+    time.sleep(0.3)
+    resp = httpx.post(f"{url}/v1/chat/completions", json=BODY)
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "no_ready_worker"
+    assert httpx.get(f"{url}/health").status_code == 503
+    assert httpx.get(f"{url}/health/live").status_code == 200
+
+
+def test_full_queue_is_429_with_retry_after(harness) -> None:
+    _, endpoint = harness.worker(token_delay_s=0.2)
+    _, url = harness.router([endpoint], max_queue=2)
+    results: list[int] = []
+
+    def slow() -> None:
+        results.append(
+            httpx.post(
+                f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3}, timeout=20
+            ).status_code
+        )
+
+    threads = [threading.Thread(target=slow) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    resp = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+    assert resp.status_code == 429
+    assert resp.headers["retry-after"] == "1"
+    assert resp.json()["error"]["type"] == "rate_limit_error"
+    for t in threads:
+        t.join()
+    assert results == [200, 200]
+    ok = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+    assert ok.status_code == 200  # slots were released
+
+
+async def test_client_disconnect_cancels_worker_request(harness) -> None:
+    worker, endpoint = harness.worker(token_delay_s=0.05, script=harness.script("word " * 200))
+    router, url = harness.router([endpoint])
+    async with httpx.AsyncClient() as client:
+        async with client.stream(
+            "POST", f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True}
+        ) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    break  # read one token, then hang up
+    for _ in range(100):
+        if worker.s.cancels and worker.s.aborted_streams:
+            break
+        await asyncio.sleep(0.05)
+    assert worker.s.cancels == [worker.s.generate_calls[0].request_id]
+    assert worker.s.aborted_streams == 1
+    assert router.api.inflight == 0
+    assert all(c.state.inflight == 0 for c in router.registry.get(MODEL).clients.values())
+
+
+def test_deadline_turns_into_504(harness) -> None:
+    _, endpoint = harness.worker(token_delay_s=0.5)
+    _, url = harness.router([endpoint], request_timeout_s=0.3)
+    resp = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 5})
+    assert resp.status_code == 504, resp.text
+    assert resp.json()["error"]["code"] == "timeout"
