@@ -81,6 +81,8 @@ class CostPolicy:
         min_threshold_tokens: int = 0,
         max_threshold_tokens: int = 1 << 17,
         threshold_tokens: int | None = None,
+        recompute_weight: float = 4.0,
+        claim_routes: bool = True,
     ) -> None:
         # ``threshold_tokens`` is an alias of ``disaggregation_threshold_tokens`` (the router's name).
         if disaggregation_threshold_tokens is None:
@@ -92,6 +94,8 @@ class CostPolicy:
         if not 0 < ewma_alpha <= 1:
             raise ValueError("ewma_alpha must be in (0, 1]")
         self.index = index
+        self.recompute_weight = recompute_weight
+        self.claim_routes = claim_routes
         self.override = disaggregation_threshold_tokens
         self.default_rate = default_prefill_tokens_per_s
         self.chunk_tokens = chunk_tokens
@@ -137,8 +141,8 @@ class CostPolicy:
     # ----------------------------------------------------------------- routing
     def _estimate(
         self, w: WorkerState, request: RoutingRequest, local_blocks: int, tier_blocks: int
-    ) -> tuple[float, int]:
-        """(estimated TTFT seconds, uncached tokens) if ``w`` prefilled this request."""
+    ) -> tuple[float, int, float]:
+        """(estimated TTFT s, uncached tokens, routing score) if ``w`` prefilled this request."""
         rate = w.prefill_tokens_per_s if w.prefill_tokens_per_s > 0 else self.default_rate
         fetched = max(0, tier_blocks - local_blocks)
         cached_tokens = min(request.prompt_tokens, max(local_blocks, tier_blocks) * request.block_size)
@@ -147,7 +151,18 @@ class CostPolicy:
         steps = math.ceil((queued + uncached) / self.chunk_tokens)
         compute_s = uncached / rate + steps * w.decode_step_s
         fetch_s = fetched * self.tier_fetch_s_per_block
-        return max(queued / rate, fetch_s) + compute_s, uncached
+        ttft = max(queued / rate, fetch_s) + compute_s
+        return ttft, uncached, ttft + self.recompute_weight * uncached / rate
+
+    def _claim(self, w: WorkerState, hashes: list[int]) -> None:
+        """Tell the index ``w`` is about to hold these blocks, before its KV events say so.
+
+        Without it, the next turn of a conversation that arrives while this prefill runs
+        sees no match and lands elsewhere, duplicating the prefix. The worker stores every
+        prompt block once the prefill is done and reports evictions as usual, so the claim
+        only runs ahead of the events, it does not contradict them."""
+        if self.claim_routes and hashes:
+            self.index.record_route(w.worker_id, hashes)
 
     def route(self, request: RoutingRequest, workers: list[WorkerState]) -> RoutingDecision:
         pools = split_pools(workers)
@@ -160,15 +175,16 @@ class CostPolicy:
         local_w = pools.decode[0]
         local_uncached = request.prompt_tokens
         for w in pools.decode:
-            ttft, uncached = self._estimate(w, request, matches.get(w.worker_id, 0), tier)
+            ttft, uncached, score = self._estimate(w, request, matches.get(w.worker_id, 0), tier)
             scores[w.worker_id] = ttft
             free = w.free_blocks / w.total_blocks if w.total_blocks else 1.0
-            key = (ttft, -free, w.inflight)
+            key = (score, -free, w.inflight)
             if best_local is None or key < best_local:
                 best_local, local_w, local_uncached = key, w, uncached
         local_ttft = scores[local_w.worker_id]
 
         def aggregated(reason: str) -> RoutingDecision:
+            self._claim(local_w, hashes)
             return RoutingDecision(
                 decode=local_w,
                 reason=reason,
@@ -186,9 +202,9 @@ class CostPolicy:
         remote_w = pools.prefill[0]
         remote_uncached = request.prompt_tokens
         for w in pools.prefill:
-            ttft, uncached = self._estimate(w, request, matches.get(w.worker_id, 0), tier)
+            ttft, uncached, score = self._estimate(w, request, matches.get(w.worker_id, 0), tier)
             scores[w.worker_id] = ttft
-            key = (ttft, w.inflight)
+            key = (score, w.inflight)
             if best_remote is None or key < best_remote:
                 best_remote, remote_w, remote_uncached = key, w, uncached
         remote_ttft = scores[remote_w.worker_id]
@@ -202,6 +218,8 @@ class CostPolicy:
             return (free - w.running_requests / (max_running + 1), -w.inflight)
 
         decode = max(pools.decode, key=decode_score)
+        self._claim(remote_w, hashes)
+        self._claim(decode, hashes)
         return RoutingDecision(
             decode=decode,
             prefill=remote_w,

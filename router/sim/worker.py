@@ -135,6 +135,7 @@ class SimWorker:
         left = job.req.output_tokens - 1
         job.decode_start = now
         if left <= 0:
+            self.pinned -= job.kv_blocks
             self.sim.finish(job, self, now)
             return
         job.v_admit = self.v
