@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -202,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"tusk router: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 1
+    # uvicorn handles SIGTERM/SIGINT while serving (graceful drain) and re-raises them when it
+    # returns; these no-op handlers turn that re-raise into a clean exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     runner = _event_loop_runner()
     try:
         runner(serve(router, sock, args.drain_timeout))

@@ -49,6 +49,8 @@ def _get(obj: Any, *path: str) -> Any:
 
 
 def _camel(name: str) -> str:
+    if name == "pod_ip":  # the API spells initialisms in capitals
+        return "podIP"
     head, *rest = name.split("_")
     return head + "".join(p.title() for p in rest)
 

@@ -98,13 +98,14 @@ def test_full_queue_is_429_with_retry_after(harness) -> None:
 async def test_client_disconnect_cancels_worker_request(harness) -> None:
     worker, endpoint = harness.worker(token_delay_s=0.05, script=harness.script("word " * 200))
     router, url = harness.router([endpoint])
-    async with httpx.AsyncClient() as client:
-        async with client.stream(
-            "POST", f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True}
-        ) as resp:
-            async for line in resp.aiter_lines():
-                if line.startswith("data: {"):
-                    break  # read one token, then hang up
+    body = {"model": MODEL, "prompt": "x", "stream": True}
+    async with (
+        httpx.AsyncClient() as client,
+        client.stream("POST", f"{url}/v1/completions", json=body) as resp,
+    ):
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                break  # read one token, then hang up
     for _ in range(100):
         if worker.s.cancels and worker.s.aborted_streams:
             break

@@ -1,0 +1,117 @@
+"""Kubernetes discovery: pods -> endpoints as a pure function, and the event handler that adds
+and removes workers (and fetches a new model's tokenizer over GetModelInfo) without a restart."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from tusk.router.discovery import DiscoveredWorker, KubernetesDiscovery, pod_endpoints
+
+from tusk.config import Role, RoutingConfig
+
+LABELS = {
+    "app.kubernetes.io/part-of": "tusk",
+    "app.kubernetes.io/name": "tusk-worker",
+    "app.kubernetes.io/instance": "llama",
+    "app.kubernetes.io/managed-by": "tusk-operator",
+    "tusk.dev/model": "llama",
+    "tusk.dev/role": "decode",
+}
+
+
+def pod(
+    name="p1", ip="10.0.0.7", port=50051, ready=True, phase="Running", labels=None, names=None, deleting=False
+):
+    meta = {"name": name, "namespace": "ml", "labels": dict(LABELS if labels is None else labels)}
+    if names:
+        meta["annotations"] = {"tusk.dev/served-model-names": names}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {
+        "metadata": meta,
+        "spec": {
+            "containers": [
+                {
+                    "name": "worker",
+                    "ports": [
+                        {"name": "metrics", "containerPort": 9090},
+                        {"name": "grpc", "containerPort": port},
+                    ],
+                }
+            ]
+        },
+        "status": {
+            "phase": phase,
+            "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def test_pod_endpoints_follow_the_label_contract() -> None:
+    assert pod_endpoints(pod()) == [DiscoveredWorker("llama", "10.0.0.7:50051", Role.DECODE)]
+    assert pod_endpoints(pod(names="llama-8b, chat")) == [
+        DiscoveredWorker("llama-8b", "10.0.0.7:50051", Role.DECODE),
+        DiscoveredWorker("chat", "10.0.0.7:50051", Role.DECODE),
+    ]
+    assert pod_endpoints(pod(ip="fd00::5", port=7000))[0].address == "[fd00::5]:7000"
+    assert pod_endpoints(pod(ready=False)) == []
+    assert pod_endpoints(pod(phase="Pending")) == []
+    assert pod_endpoints(pod(deleting=True)) == []
+    assert pod_endpoints(pod(ip=None)) == []
+    assert pod_endpoints(pod(labels={**LABELS, "app.kubernetes.io/name": "other"})) == []
+    assert pod_endpoints(pod(labels={**LABELS, "tusk.dev/role": "weird"})) == []
+
+
+def test_pod_endpoints_accept_kubernetes_client_objects() -> None:
+    import json
+
+    from kubernetes.client import ApiClient
+
+    obj = ApiClient().deserialize(json.dumps(pod()), "V1Pod", "application/json")
+    assert pod_endpoints(obj) == [DiscoveredWorker("llama", "10.0.0.7:50051", Role.DECODE)]
+
+
+def test_watch_events_add_and_remove_workers_live(harness) -> None:
+    """A model that exists only in the cluster: its first pod brings the tokenizer via
+    GetModelInfo, later pods join, deleted pods leave, all while the router serves."""
+    w1, e1 = harness.worker(model="llama", tokenizer_dir=harness.tokenizer_dir)
+    w2, e2 = harness.worker(model="llama", tokenizer_dir=harness.tokenizer_dir)
+    router, url = harness.router([e1], wait_ready=True)  # also serves the static "tiny" model
+    disc = KubernetesDiscovery(router.registry, router.metrics, RoutingConfig(policy="round_robin"))
+
+    def event(kind, p):
+        async def apply():
+            disc.on_event(kind, p)
+
+        harness.run(apply())
+
+    def wait(pred, what):
+        deadline = time.monotonic() + 10
+        while not pred():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    host1, port1 = e1.address.split(":")
+    host2, port2 = e2.address.split(":")
+    event("ADDED", pod("a", ip=host1, port=int(port1)))
+    wait(lambda: "llama" in router.registry.models, "model never discovered")
+    wait(lambda: router.registry.get("llama").has_ready_worker(), "worker never ready")
+    body = {"model": "llama", "prompt": "x", "max_tokens": 2}
+    assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+    assert "llama" in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+
+    event("ADDED", pod("b", ip=host2, port=int(port2), ready=False))
+    assert len(router.registry.get("llama").clients) == 1  # not ready: not routed to
+    event("MODIFIED", pod("b", ip=host2, port=int(port2)))
+    wait(lambda: len(router.registry.get("llama").ready_states()) == 2, "second pod never joined")
+    event("DELETED", pod("a", ip=host1, port=int(port1)))
+    wait(lambda: len(router.registry.get("llama").clients) == 1, "deleted pod never left")
+    before = len(w2.s.generate_calls)
+    for _ in range(2):
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+    assert len(w2.s.generate_calls) == before + 2
+    event("DELETED", pod("b", ip=host2, port=int(port2)))
+    wait(lambda: not router.registry.get("llama").clients, "last pod never left")
+    assert httpx.post(f"{url}/v1/completions", json=body).status_code == 503
