@@ -294,9 +294,19 @@ class LLMEngine:
             reason = self._stop_reason(seq, token)
             if reason is not None or seq.prefill_only:
                 self.scheduler.finish(seq, reason or FinishReason.LENGTH)
-                outputs.append(self._final(seq, [token], reason))
+                # A prefill that did not end the request reports no finish reason: it goes on
+                # on a decode worker.
+                outputs.append(self._final(seq, [token], reason, continues=reason is None))
             else:
-                outputs.append(RequestOutput(seq.request_id, [token], False))
+                outputs.append(
+                    RequestOutput(
+                        seq.request_id,
+                        [token],
+                        False,
+                        prompt_tokens=len(seq.prompt),
+                        cached_tokens=max(seq.num_cached_prompt, 0),
+                    )
+                )
         if new_full and self.write_through:
             self._write_through(new_full)
         self._collect_events()
@@ -349,8 +359,10 @@ class LLMEngine:
         for request_id, (hashes, ids) in by_request.items():
             self.connector.save(request_id, hashes, ids)
 
-    def _final(self, seq: Sequence, tokens: list[int], reason: FinishReason | None = None) -> RequestOutput:
-        reason = reason or seq.finish_reason or FinishReason.ABORT
+    def _final(
+        self, seq: Sequence, tokens: list[int], reason: FinishReason | None = None, continues: bool = False
+    ) -> RequestOutput:
+        reason = None if continues else reason or seq.finish_reason or FinishReason.ABORT
         with self._live_lock:
             self._live.discard(seq.request_id)
         self._seqs.pop(seq.request_id, None)

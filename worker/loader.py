@@ -121,7 +121,12 @@ def _eos_ids(config: dict[str, Any], generation_config: dict[str, Any] | None) -
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local folder for ``model``: the folder itself, or an ``hf://org/name[@revision]`` snapshot."""
+    """A local folder for ``model``: the folder itself, ``tiny`` (the embedded default model), or an
+    ``hf://org/name[@revision]`` snapshot."""
+    if model == "tiny":
+        from tusk.tiny_model import tiny_model_dir
+
+        return tiny_model_dir()
     if model.startswith("hf://"):
         repo, _, revision = model[len("hf://") :].partition("@")
         if repo.count("/") != 1 or not all(repo.split("/")):
