@@ -20,8 +20,9 @@ READY_TIMEOUT="${TUSK_READY_TIMEOUT:-15m}"
 RELEASE=tusk
 CONTEXT="kind-${CLUSTER}"
 
+# helm and kubectl from scripts/k8s-tools.py, when they are not installed system-wide.
 if [[ -d "${ROOT}/.tools/bin" ]]; then
-  PATH="${ROOT}/.tools/bin:${PATH}"
+  PATH="${PATH}:${ROOT}/.tools/bin"
 fi
 
 log() { printf '\n==> %s\n' "$*" >&2; }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import jsonschema
 import kubernetes_validate
 import pytest
 from conftest import (
@@ -22,13 +23,16 @@ from conftest import (
     pod_specs,
     template_args,
 )
+from tusk.operator.main import build_parser
 
 from tusk.config import RouterConfig
 from tusk.kvserver import server_args
 
-# Kinds whose schema is a third-party CRD, not part of Kubernetes: kubernetes-validate has no schema
-# for them, so they are checked structurally in test_servicemonitor_* instead.
-CRD_TYPED_GROUPS = {"monitoring.coreos.com"}
+# Kinds whose schema is a CRD, not part of Kubernetes: kubernetes-validate has no schema for them.
+# kopf.dev peerings are checked against the CRDs in the chart's crds/ folder; the Prometheus
+# Operator's kinds (its CRDs are not ours to vendor) are checked field by field in
+# test_servicemonitor_needs_both_the_switch_and_the_api.
+CRD_TYPED_GROUPS = {"monitoring.coreos.com", "kopf.dev"}
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
@@ -43,10 +47,17 @@ def test_helm_lint_strict(tools, scenario: Scenario):
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
 def test_every_object_is_valid_kubernetes(render, scenario: Scenario):
     objects = render(scenario, "--include-crds")
+    chart_crds: dict[str, dict[str, dict]] = {}
+    for crd in by_kind(objects, "CustomResourceDefinition"):
+        (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]
+        kinds = chart_crds.setdefault(crd["spec"]["group"], {})
+        kinds[crd["spec"]["names"]["kind"]] = version["schema"]["openAPIV3Schema"]
     checked = 0
     for obj in objects:
         group = obj["apiVersion"].rpartition("/")[0]
         if group in CRD_TYPED_GROUPS:
+            if group in chart_crds:
+                jsonschema.validate(obj, chart_crds[group][obj["kind"]])
             continue
         try:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
@@ -70,7 +81,7 @@ def test_values_schema_rejects_typos_and_bad_values(tools):
 
 
 def test_objects_land_in_the_release_namespace(render):
-    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "ClusterKopfPeering"}
     for obj in render(SCENARIOS[0]):
         if obj["kind"] not in cluster_scoped:
             assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
@@ -211,29 +222,39 @@ def test_ingress_routes_to_the_router_service(render):
     assert not by_kind(render(SCENARIOS[0]), "Ingress")
 
 
-def test_operator_mode_flags(render):
-    def args(scenario):
-        dep = one(render(scenario), "Deployment", f"{RELEASE}-operator")
-        return dep["spec"]["template"]["spec"]["containers"][0]["args"]
-
-    assert "--all-namespaces" in args(SCENARIOS[0])
-    namespaced = args(SCENARIOS[3])
-    assert "--all-namespaces" not in namespaced
-    assert [a for a in namespaced if a.startswith("--namespace=")] == [
-        "--namespace=team-a",
-        "--namespace=team-b",
-    ]
+def _operator_args(render, scenario):
+    dep = one(render(scenario), "Deployment", f"{RELEASE}-operator")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "operator"
+    # The operator's own parser must accept what the chart passes.
+    return container, build_parser().parse_args(container["args"][1:])
 
 
-def test_operator_probes_use_the_liveness_endpoint(render):
-    container = one(render(SCENARIOS[0]), "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"][
-        "containers"
-    ][0]
-    liveness = [a for a in container["args"] if a.startswith("--liveness=")]
-    assert liveness == ["--liveness=http://0.0.0.0:8080/healthz"]
+def test_operator_mode_flags_are_accepted_by_the_operator(render):
+    _, cluster_wide = _operator_args(render, SCENARIOS[0])
+    assert cluster_wide.all_namespaces and not cluster_wide.namespace
+    _, namespaced = _operator_args(render, SCENARIOS[3])
+    assert not namespaced.all_namespaces and namespaced.namespace == ["team-a", "team-b"]
+
+
+def test_operator_knows_the_worker_image_router_url_and_peering(render):
+    _, args = _operator_args(render, SCENARIOS[0])
+    assert args.worker_image == "ghcr.io/tusk-dev/tusk-worker-cpu:0.1.0"
+    assert args.router_url == f"http://{RELEASE}-router.{NAMESPACE}.svc:80/v1"
+    assert args.image_pull_policy == "IfNotPresent" and not args.standalone
+    objects = render(SCENARIOS[0])
+    assert one(objects, "ClusterKopfPeering", args.peering_name)
+    namespaced = render(SCENARIOS[3])
+    peerings = [p for p in by_kind(namespaced, "KopfPeering") if p["metadata"]["name"] == args.peering_name]
+    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+    assert not by_kind(namespaced, "ClusterKopfPeering")
+
+
+def test_operator_probes_use_the_health_endpoint(render):
+    container, args = _operator_args(render, SCENARIOS[0])
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "health", "containerPort": args.health_port, "protocol": "TCP"}]
 
 
 def test_servicemonitor_needs_both_the_switch_and_the_api(render):
