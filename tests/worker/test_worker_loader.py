@@ -1,0 +1,158 @@
+"""Checkpoint loading: config dialects, sharding, tied embeddings, rope scaling, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from tusk.worker import loader
+from tusk.worker.block_manager import BlockManager
+from tusk.worker.engine import LLMEngine
+from tusk.worker.sequence import SamplingParams
+from worker_models import hf_greedy, save_model
+
+from tusk.config import EngineConfig
+
+PROMPT = [(i * 13 + 5) % 250 + 3 for i in range(19)]
+
+
+def check_matches_transformers(folder: Path, n: int = 10, **engine: object) -> LLMEngine:
+    eng = LLMEngine(folder, EngineConfig(num_kv_blocks=32, block_size=8, **engine))
+    assert eng.generate([PROMPT], SamplingParams(max_tokens=n, ignore_eos=True)) == [
+        hf_greedy(folder, PROMPT, n)
+    ]
+    return eng
+
+
+def test_sharded_checkpoint_with_tied_embeddings(tmp_path: Path) -> None:
+    import torch
+    import transformers
+    from worker_models import make_config
+
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(
+        make_config("llama", tie_word_embeddings=True, num_hidden_layers=3), dtype=torch.float32
+    )
+    model.save_pretrained(tmp_path, max_shard_size="60KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    eng = check_matches_transformers(tmp_path)
+    assert eng.spec.tie_word_embeddings and eng.model.lm_head is eng.model.embed
+
+
+def test_llama3_rope_scaling_and_llama1_style_config(tmp_path: Path) -> None:
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500000.0,
+    }
+    folder = save_model(tmp_path / "l3", "llama", seed=4, rope_parameters=scaling)
+    eng = check_matches_transformers(folder, n=6)
+    assert eng.spec.rope_scaling and eng.spec.rope_scaling["rope_type"] == "llama3"
+    assert eng.spec.rope_theta == 500000.0
+
+    # The classic dialect (rope_theta / rope_scaling / no num_key_value_heads, as Llama 1 had)
+    # parses to the same spec.
+    classic = json.loads((folder / "config.json").read_text())
+    params = classic.pop("rope_parameters")
+    classic["rope_theta"] = params.pop("rope_theta")
+    classic["rope_scaling"] = params
+    classic["torch_dtype"] = "bfloat16"
+    spec = loader.ModelSpec.from_config(classic)
+    assert spec.rope_scaling == eng.spec.rope_scaling and spec.rope_theta == 500000.0
+    del classic["num_key_value_heads"]
+    assert loader.ModelSpec.from_config(classic).num_kv_heads == classic["num_attention_heads"]
+
+
+def test_dtype_selection() -> None:
+    import torch
+
+    spec = loader.ModelSpec.from_config(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 10,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "torch_dtype": "bfloat16",
+        }
+    )
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert loader.choose_dtype("auto", spec, cpu) == torch.float32  # half types are slow on CPU
+    assert loader.choose_dtype("auto", spec, cuda) == torch.bfloat16
+    assert loader.choose_dtype("float16", spec, cpu) == torch.float16
+
+
+def test_bfloat16_engine_runs(llama_dir: Path) -> None:
+    import torch
+
+    eng = LLMEngine(llama_dir, EngineConfig(num_kv_blocks=16, block_size=8, dtype="bfloat16"))
+    assert eng.kv_cache.dtype == torch.bfloat16 and eng.fingerprint.dtype == "bfloat16"
+    out = eng.generate([PROMPT], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(out[0]) == 4
+
+
+def test_clear_errors(tmp_path: Path, llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(loader.ModelLoadError, match="does not exist"):
+        loader.resolve_model_path(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(loader.ModelLoadError, match="no config.json"):
+        loader.resolve_model_path(str(tmp_path / "empty"))
+
+    bad = tmp_path / "gpt2"
+    shutil.copytree(llama_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(loader.ModelLoadError, match="unsupported architecture"):
+        LLMEngine(bad, EngineConfig(num_kv_blocks=4))
+
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    shutil.copy(llama_dir / "config.json", noweights / "config.json")
+    with pytest.raises(loader.ModelLoadError, match="no \\*.safetensors"):
+        LLMEngine(noweights, EngineConfig(num_kv_blocks=4))
+
+    with pytest.raises(loader.ModelLoadError, match="exceeds"):
+        LLMEngine(llama_dir, EngineConfig(num_kv_blocks=4, max_model_len=100_000))
+
+    for bad_id in ("hf://", "hf://just-a-name", "hf://a/b/c"):
+        with pytest.raises(loader.ModelLoadError, match="hf://org/name"):
+            loader.resolve_model_path(bad_id)
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_hub(name: str, *args: object, **kwargs: object):
+        if name.startswith("huggingface_hub"):
+            raise ImportError("no hub here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_hub)
+    with pytest.raises(loader.ModelLoadError, match="huggingface_hub"):
+        loader.resolve_model_path("hf://org/name@main")
+
+
+def test_block_manager_refcounts_prefix_hits_and_lru_events() -> None:
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = bm.allocate(2)
+    assert a is not None and bm.num_free == 2
+    assert bm.register(a[0], 100) and bm.register(a[1], 101)
+    assert not bm.register(a[1], 102)  # already holds a block
+    shared = bm.acquire_cached([100, 101, 999])
+    assert shared == a and bm.ref_count(a[0]) == 2
+    bm.release(a)
+    bm.release(shared)
+    assert bm.num_free == 4 and bm.num_cached == 2  # cached blocks stay until evicted
+    assert [(e.stored, e.block_hash) for e in bm.drain_events()] == [(True, 100), (True, 101)]
+    assert bm.allocate(5) is None
+    fresh = bm.allocate(3)  # two free blocks, then the LRU cached one: the tail (101) goes first
+    assert fresh is not None
+    assert [(e.stored, e.block_hash) for e in bm.drain_events()] == [(False, 101)]
+    assert bm.cached_prefix_len([100, 101]) == 1
