@@ -86,11 +86,12 @@ log "6/6 chat completion through the router (port-forward 127.0.0.1:${PORT})"
 kubectl --context "${CONTEXT}" -n "${NAMESPACE}" port-forward "svc/${RELEASE}-router" "${PORT}:80" >/dev/null 2>&1 &
 forward_pid=$!
 trap 'kill "${forward_pid}" 2>/dev/null || true' EXIT
-for _ in $(seq 1 30); do
+# /health answers 200 once the router has discovered a ready worker for every model it serves.
+for _ in $(seq 1 60); do
   if curl -fsS "http://127.0.0.1:${PORT}/health" >/dev/null 2>&1; then
     break
   fi
-  sleep 1
+  sleep 2
 done
 curl -fsS --retry 10 --retry-all-errors --retry-delay 2 --max-time 120 \
   "http://127.0.0.1:${PORT}/v1/chat/completions" \

@@ -325,3 +325,56 @@ def test_crds_are_installed_from_the_crds_folder(render):
     assert not by_kind(render(SCENARIOS[0]), "CustomResourceDefinition"), (
         "CRDs must not be templates (helm keeps them)"
     )
+
+
+def _router_container(objects):
+    return one(objects, "Deployment", f"{RELEASE}-router")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_router_args_are_accepted_by_the_router_and_enable_discovery(render, tmp_path):
+    from tusk.router.app import _parse_args, load_config
+
+    container = _router_container(render(SCENARIOS[0]))
+    assert container["args"][0] == "router"
+    args = _parse_args(container["args"][1:])
+    assert args.kubernetes and args.namespace is None
+    assert str(args.config) == "/etc/tusk/router.json"
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    assert mount["mountPath"] == str(args.config.parent)
+    namespaced = _parse_args(_router_container(render(SCENARIOS[3]))["args"][1:])
+    assert namespaced.namespace == "team-a"
+    # The router loads the rendered ConfigMap through its own loader, as in the pod.
+    (tmp_path / "router.json").write_text(
+        one(render(SCENARIOS[0]), "ConfigMap", f"{RELEASE}-router")["data"]["router.json"]
+    )
+    args.config = tmp_path / "router.json"
+    assert load_config(args).port == container["ports"][0]["containerPort"]
+
+
+def test_router_probes_do_not_tie_the_gateway_to_one_model(render):
+    container = _router_container(render(SCENARIOS[0]))
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health/live", "port": "http"}
+
+
+def test_router_grace_period_covers_the_drain(render):
+    dep = one(
+        render(SCENARIOS[0], "--set", "router.drainTimeoutSeconds=45"), "Deployment", f"{RELEASE}-router"
+    )
+    assert "--drain-timeout=45" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 45 + 5  # + preStop sleep
+
+
+def test_api_keys_secret_reaches_the_router_and_the_helm_test(render):
+    objects = render(SCENARIOS[0], "--set", "router.apiKeys.existingSecret=router-keys")
+    dep = one(objects, "Deployment", f"{RELEASE}-router")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
+    assert env["TUSK_API_KEYS_FILE"] == f"{mount['mountPath']}/api-keys"
+    volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"]["secretName"] == "router-keys"
+    test_pod = one(objects, "Pod", f"{RELEASE}-test-chat")
+    assert test_pod["spec"]["volumes"][0]["secret"]["secretName"] == "router-keys"
+    assert "Authorization: Bearer" in test_pod["spec"]["containers"][0]["args"][0]
+    assert "TUSK_API_KEYS_FILE" not in {e["name"] for e in _router_container(render(SCENARIOS[0]))["env"]}

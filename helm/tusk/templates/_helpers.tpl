@@ -53,11 +53,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- toJson (uniq $ns) }}
 {{- end }}
 
-{{- define "tusk.router.namespaces" -}}
-{{- $ns := .Values.router.discovery.namespaces | default (list .Release.Namespace) -}}
-{{- toJson (uniq $ns) }}
-{{- end }}
-
 {{/* The KV tier URL the router uses for its shared index: the managed tier, the external one, or none. */}}
 {{- define "tusk.kvtier.url" -}}
 {{- if .Values.kvTier.managed -}}
