@@ -124,13 +124,22 @@ def start_server(
     timeout: float = 10.0,
     binary: str | None = None,
     password: str | None = None,
+    extra_args: list[str] | None = None,
 ) -> EmbeddedServer:
     """Start a server and wait until it answers PING; raises RuntimeError with its log if not."""
     binary = binary or find_server_binary()
     port = port or free_port(host)
     workdir = Path(tempfile.mkdtemp(prefix="tusk-kv-"))
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - handed to the child
-    args = [binary, *server_args(maxmemory, policy, port, password), "--bind", host, "--dir", str(workdir)]
+    args = [
+        binary,
+        *server_args(maxmemory, policy, port, password),
+        "--bind",
+        host,
+        "--dir",
+        str(workdir),
+        *(extra_args or []),
+    ]
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     log.close()
     server = EmbeddedServer(process, host, port, workdir, password)

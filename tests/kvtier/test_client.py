@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import ssl
+import subprocess
 import time
 
 import pytest
@@ -201,3 +204,49 @@ async def test_bad_arguments_are_clear_errors(kv_server, fp):
             await client.put_values([1, 2], [b"x"])
         assert await client.get_blocks([]) == []
         assert await client.contains([]) == []
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a certificate")
+async def test_tls_url_through_a_tls_terminating_proxy(kv_server, fp, tmp_path):
+    """rediss:// with a CA file: real TLS from the client to a proxy that forwards to the server.
+
+    (The embedded Valkey is built without TLS, so TLS ends in front of it, as with stunnel or a
+    cloud provider's TLS endpoint.)
+    """
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def forward(reader, writer):
+        up_reader, up_writer = await asyncio.open_connection(kv_server.host, kv_server.port)
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+    proxy = await asyncio.start_server(forward, "127.0.0.1", 0, ssl=context)
+    port = proxy.sockets[0].getsockname()[1]
+    block = as_block(random_block(torch.float32, TINY_BLOCK, 9), "float32")
+    try:
+        async with KVTierClient(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}", fp) as client:
+            assert await client.put_blocks([1], [block]) == 1
+            [(header, payload)] = await client.get_blocks([1])
+            assert bytes(payload) == bytes(block.data)
+        # Without trusting the certificate the handshake fails: a miss, not an exception.
+        async with KVTierClient(f"rediss://127.0.0.1:{port}/0", fp, timeout_s=0.5) as client:
+            assert await client.get_blocks([1]) == [None]
+    finally:
+        proxy.close()

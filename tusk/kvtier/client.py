@@ -24,9 +24,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from tusk.kvformat import (
@@ -40,10 +37,12 @@ from tusk.kvformat import (
     encode_header,
 )
 from tusk.kvtier import metrics
+from tusk.kvtier.connect import connect
 
 log = logging.getLogger(__name__)
 
 BlockResult = tuple[BlockHeader, memoryview] | None
+_THREAD_DECODE_BYTES = 1 << 20
 _FAULTS = (RedisError, OSError, asyncio.TimeoutError, ConnectionError)
 
 
@@ -117,16 +116,8 @@ class KVTierClient:
         self._unavailable_until = 0.0
         self._inflight_bytes = 0
         self._background: set[asyncio.Task] = set()
-        # No client-side retries: a retry doubles the time a dead server costs, and a miss is
-        # always an acceptable answer. The breaker below paces reconnect attempts instead.
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            max_connections=max_connections,
-            health_check_interval=0,
-        )
+        # No client-side retries (see connect.py); the breaker paces reconnect attempts instead.
+        self._redis = connect(url, timeout_s=timeout_s, max_connections=max_connections)
 
     @classmethod
     def from_config(cls, config, fingerprint: ModelFingerprint, **kwargs) -> KVTierClient:
@@ -205,6 +196,13 @@ class KVTierClient:
         if results is None:
             metrics.TIER_MISSES.labels("error").inc(len(hashes))
             return [None] * len(hashes)
+        if sum(len(v) for v in results if isinstance(v, bytes)) >= _THREAD_DECODE_BYTES:
+            # Checksumming megabytes takes milliseconds; zlib drops the GIL, so do it off the
+            # loop, which keeps reading other requests' replies meanwhile.
+            return await asyncio.to_thread(self._decode_all, hashes, results)
+        return self._decode_all(hashes, results)
+
+    def _decode_all(self, hashes: Sequence[int], results: list) -> list[BlockResult]:
         return [self._decode(h, value) for h, value in zip(hashes, results, strict=True)]
 
     def _decode(self, block_hash: int, value) -> BlockResult:

@@ -21,10 +21,10 @@ import asyncio
 import contextlib
 import logging
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tusk.kvformat import KEY_PREFIX, ModelFingerprint
+from tusk.kvtier.connect import connect, is_cluster
 from tusk.kvtier.events import EventHub, EventKind, Medium
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,10 @@ class TierEvictionWatcher:
 
     async def start(self) -> bool:
         """Enable notifications if needed and start listening; False if they cannot be enabled."""
-        redis = aioredis.Redis.from_url(self.url, socket_timeout=self._timeout_s)
+        if is_cluster(self.url):
+            log.warning("KV tier eviction watch does not follow Redis Cluster nodes; evictions unseen")
+            return False
+        redis = connect(self.url, timeout_s=self._timeout_s)
         try:
             if not await self._enable(redis):
                 return False
@@ -71,7 +74,7 @@ class TierEvictionWatcher:
             await asyncio.wait_for(self._subscribed.wait(), self._timeout_s)
         return True
 
-    async def _enable(self, redis: aioredis.Redis) -> bool:
+    async def _enable(self, redis) -> bool:
         current = (await redis.config_get("notify-keyspace-events")).get(b"notify-keyspace-events", b"")
         current = current.decode() if isinstance(current, bytes) else str(current)
         if _flags_enabled(current):
@@ -85,9 +88,7 @@ class TierEvictionWatcher:
 
     async def _run(self) -> None:
         while True:
-            redis = aioredis.Redis.from_url(
-                self.url, socket_timeout=None, socket_connect_timeout=self._timeout_s
-            )
+            redis = connect(self.url, timeout_s=self._timeout_s)
             pubsub = redis.pubsub()
             try:
                 info = await redis.info("server")
@@ -99,10 +100,12 @@ class TierEvictionWatcher:
                 db = redis.connection_pool.connection_kwargs.get("db", 0)
                 await pubsub.subscribe(f"__keyevent@{db}__:evicted")
                 self._subscribed.set()
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    self._on_evicted(message.get("data"))
+                while True:
+                    # Poll with a timeout rather than block on the socket: the client's socket
+                    # timeout would otherwise turn a quiet tier into a reconnect loop.
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self._on_evicted(message.get("data"))
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
