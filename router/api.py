@@ -243,13 +243,13 @@ class RouterAPI:
         gen = prepared.generation
         detok = prepared.runtime.tokenizer.detokenizer()
         stops = StopMatcher(prepared.stops)
-        model = prepared.runtime.name
+        itl = self.metrics.for_model(prepared.runtime.name).itl
         last = None
         async with contextlib.aclosing(gen.stream()) as chunks:
             async for ids in chunks:
                 now = time.perf_counter()
                 if last is not None:
-                    self.metrics.itl.labels(model).observe(now - last)
+                    itl.observe(now - last)
                 last = now
                 text = stops.feed(detok.push(ids))
                 if stops.stopped:
@@ -272,17 +272,19 @@ class RouterAPI:
 
     def _finish_metrics(self, prepared: Prepared, endpoint: str, status: int, started: float) -> None:
         gen, model = prepared.generation, prepared.runtime.name
-        m = self.metrics
-        m.requests.labels(model, endpoint, str(status)).inc()
-        m.e2e.labels(model).observe(time.perf_counter() - started)
+        m = self.metrics.for_model(model)
+        m.request(endpoint, status)
+        m.e2e.observe(time.perf_counter() - started)
         if gen.ttft_s is not None:
-            m.ttft.labels(model).observe(gen.ttft_s)
-        m.prompt_tokens.labels(model).inc(len(gen.req.prompt_ids))
-        m.cached_tokens.labels(model).inc(gen.cached_tokens)
-        m.completion_tokens.labels(model).inc(gen.completion_tokens)
+            m.ttft.observe(gen.ttft_s)
+        m.prompt_tokens.inc(len(gen.req.prompt_ids))
+        m.cached_tokens.inc(gen.cached_tokens)
+        m.completion_tokens.inc(gen.completion_tokens)
         if gen.attempts > 1:
-            m.retries.labels(model).inc(gen.attempts - 1)
+            m.retries.inc(gen.attempts - 1)
         d = gen.decision
+        if not log.isEnabledFor(logging.INFO):
+            return
         log.info(
             "request done",
             extra={

