@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-tier", default=None, help="use this Redis URL instead of an embedded server")
     p.add_argument("--kv-tier-maxmemory", default="512mb")
     p.add_argument("--policy", default="cost", help="routing policy")
+    p.add_argument(
+        "--disaggregation-threshold",
+        type=int,
+        default=None,
+        help="fixed uncached-token threshold for splitting prefill from decode (default: tuned online)",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto")
     p.add_argument("--block-size", type=int, default=16)
@@ -102,12 +108,17 @@ class LocalDeployment:
     """The children of one ``tusk serve`` run, started in dependency order."""
 
     def __init__(
-        self, config: ServeConfig, model: ResolvedModel, served_name: str, policy: str, log_dir: Path
+        self,
+        config: ServeConfig,
+        model: ResolvedModel,
+        served_name: str,
+        routing: RoutingConfig,
+        log_dir: Path,
     ):
         self.config = config
         self.model = model
         self.served_name = served_name
-        self.policy = policy
+        self.routing = routing
         self.log_dir = log_dir
         self.children: list[Child] = []
         self.kv_server = None
@@ -180,7 +191,7 @@ class LocalDeployment:
             host=self.config.host,
             port=self.config.port,
             models=[route],
-            routing=RoutingConfig(policy=self.policy),
+            routing=self.routing,
             kv_tier_url=kv_url,
         )
         child = self._spawn("router", "tusk.router", cfg.model_dump_json(), timeout)
@@ -242,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         _check_port_free(config.host, config.port)
         model = resolve_model(config.model)
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="tusk-serve-"))
-        deployment = LocalDeployment(config, model, args.served_name or model.name, args.policy, log_dir)
+        routing = RoutingConfig(
+            policy=args.policy, disaggregation_threshold_tokens=args.disaggregation_threshold
+        )
+        deployment = LocalDeployment(config, model, args.served_name or model.name, routing, log_dir)
         url = deployment.start(args.startup_timeout)
         started.set()
         mode = "aggregated" if config.prefill == 0 else f"{config.prefill} prefill + {config.decode} decode"

@@ -95,7 +95,10 @@ def serve_env(tiny_model: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def served(serve_env: dict[str, str]) -> Iterator[Served]:
-    served = start_serve(["--prefill", "1", "--decode", "1", "--num-kv-blocks", "512"], serve_env)
+    served = start_serve(
+        ["--prefill", "1", "--decode", "1", "--num-kv-blocks", "512", "--disaggregation-threshold", "0"],
+        serve_env,
+    )
     yield served
     if served.process.poll() is None:
         stop_serve(served)
@@ -189,7 +192,9 @@ def test_sigterm_leaves_no_process(serve_env: dict[str, str]):
     assert [pid for pid in served.children if _alive(pid)] == []
     host, port = served.url.removeprefix("http://").rsplit(":", 1)
     with socket.socket() as s:
-        s.bind((host, int(port)))  # the router's port is free again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, a listener is not
+        s.bind((host, int(port)))
+        s.listen()
 
 
 def _run_serve_expecting_error(args: list[str], env: dict[str, str]) -> str:
