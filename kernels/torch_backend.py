@@ -1,11 +1,15 @@
 """The `torch` backend: vectorized native torch that runs on every torch device.
 
-Attention uses SDPA on KV gathered from the paged cache with one index_select per bucket of
-similar sequence lengths, so decode does no per-token Python work and pads at most 2x. GQA decode
-folds the query heads of one KV head into SDPA's query-length axis, so KV is never repeated.
+Decode attention gathers each sequence's blocks with index_select and runs SDPA. On CPU the rows
+are sorted by length and cut into chunks of about CPU_DECODE_CHUNK_BYTES of gathered KV, written
+into a reused per-thread buffer: the gathered copy is still in cache when SDPA reads it, so the
+paging costs little over SDPA on contiguous KV. GQA decode folds the query heads of one KV head
+into SDPA's query-length axis, so KV is never repeated.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -90,24 +94,52 @@ def _gather_sequences(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor
     return flat.view(b, n_blocks * block_size, heads, dim).transpose(1, 2)
 
 
-def _length_buckets(
-    context_lens: torch.Tensor, block_size: int, table_width: int
-) -> list[tuple[torch.Tensor | None, int]]:
-    """Group rows by the power-of-two ceiling of their block count: (row indices or None=all, blocks)."""
-    if context_lens.device.type != "cpu":
-        return [(None, table_width)]
-    blocks = (context_lens.long() + block_size - 1) // block_size
-    max_blocks = int(blocks.max())
-    if max_blocks <= 4 or int(blocks.min()) * 2 > max_blocks:
-        return [(None, max(max_blocks, 1))]
-    buckets = []
-    ceiling = torch.where(
-        blocks <= 1, torch.ones_like(blocks), 1 << (blocks - 1).clamp(min=0).log2().floor().long() + 1
-    )
-    for value in torch.unique(ceiling).tolist():
-        rows = torch.nonzero(ceiling == value).flatten()
-        buckets.append((rows, int(blocks[rows].max())))
-    return buckets
+# Gathered K (and V) per CPU decode chunk: small enough to stay in cache while SDPA reads it.
+CPU_DECODE_CHUNK_BYTES = 2 << 20
+
+_workspace = threading.local()
+
+
+def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread scratch buffer reused across calls: no allocation (and page faults) per step."""
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    key = (name, dtype, device)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        buffers[key] = buf
+    return buf[:numel]
+
+
+def _decode_group(
+    q, k_cache, v_cache, tables, lens, scale, use_workspace: bool, masked: bool
+) -> torch.Tensor:
+    """Decode rows whose KV fits `tables` [b, n_blocks]: gather, then one SDPA call."""
+    b, n_blocks = tables.shape
+    _, block_size, kv_heads, dim = k_cache.shape
+    q_heads = q.shape[1]
+    flat_ids = tables.reshape(-1).long()
+    if use_workspace:
+        shape = (b * n_blocks, block_size, kv_heads, dim)
+        numel = b * n_blocks * block_size * kv_heads * dim
+        keys = torch.index_select(
+            k_cache, 0, flat_ids, out=_buffer("k", numel, k_cache.dtype, k_cache.device).view(shape)
+        )
+        values = torch.index_select(
+            v_cache, 0, flat_ids, out=_buffer("v", numel, v_cache.dtype, v_cache.device).view(shape)
+        )
+    else:
+        keys, values = k_cache.index_select(0, flat_ids), v_cache.index_select(0, flat_ids)
+    keys = keys.view(b, n_blocks * block_size, kv_heads, dim).transpose(1, 2).to(q.dtype)
+    values = values.view(b, n_blocks * block_size, kv_heads, dim).transpose(1, 2).to(q.dtype)
+    mask = None
+    if masked:
+        positions = torch.arange(keys.shape[2], device=q.device)
+        mask = (positions[None, :] < lens[:, None])[:, None, None, :]
+    # [b, Hq, D] -> [b, Hkv, group, D]: a KV head's query heads become SDPA's query axis.
+    grouped_q = q.reshape(b, kv_heads, q_heads // kv_heads, dim)
+    attended = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=mask, scale=scale)
+    return attended.reshape(b, q_heads, dim)
 
 
 def paged_decode_attention(
@@ -118,33 +150,44 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    n_seqs, q_heads, dim = q.shape
+    n_seqs = q.shape[0]
     if n_seqs == 0:
         return torch.empty_like(q)
-    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = q_heads // kv_heads
+    if q.device.type != "cpu":
+        # No host sync on accelerators: one padded batch over the full table width.
+        return _decode_group(q, k_cache, v_cache, block_tables, context_lens.long(), scale, False, True)
+    # CPU: sort rows by length and cut them into chunks whose gathered KV stays cache-resident,
+    # each padded only to its own longest row.
+    block_size = k_cache.shape[1]
+    token_bytes = k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size()
+    lens = context_lens.tolist()
+    order = sorted(range(n_seqs), key=lens.__getitem__)
     out = torch.empty_like(q)
-    lens = context_lens.long()
-    for rows, n_blocks in _length_buckets(lens, block_size, block_tables.shape[1]):
-        tables = (
-            block_tables[:, :n_blocks] if rows is None else block_tables.index_select(0, rows)[:, :n_blocks]
-        )
-        row_lens = lens if rows is None else lens.index_select(0, rows)
-        keys = _gather_sequences(k_cache, tables)
-        values = _gather_sequences(v_cache, tables)
-        row_q = q if rows is None else q.index_select(0, rows)
-        # [b, Hq, D] -> [b, Hkv, group, D]: a KV head's query heads become SDPA's query axis.
-        row_q = row_q.view(row_q.shape[0], kv_heads, group, dim)
-        positions = torch.arange(keys.shape[2], device=q.device)
-        mask = (positions[None, :] < row_lens[:, None])[:, None, None, :]
-        attended = F.scaled_dot_product_attention(
-            row_q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale
-        )
-        attended = attended.reshape(-1, q_heads, dim)
-        if rows is None:
-            out.copy_(attended)
+    start = 0
+    while start < n_seqs:
+        stop = start + 1
+        while stop < n_seqs:
+            padded = -(-lens[order[stop]] // block_size) * block_size
+            if (stop + 1 - start) * padded * token_bytes > CPU_DECODE_CHUNK_BYTES:
+                break
+            stop += 1
+        rows = order[start:stop]
+        n_blocks = -(-lens[rows[-1]] // block_size)
+        masked = lens[rows[0]] != n_blocks * block_size
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            first, last = rows[0], rows[-1] + 1
+            out[first:last] = _decode_group(
+                q[first:last], k_cache, v_cache, block_tables[first:last, :n_blocks],
+                context_lens[first:last].long(), scale, True, masked,
+            )  # fmt: skip
         else:
-            out.index_copy_(0, rows, attended)
+            index = torch.tensor(rows, device=q.device)
+            attended = _decode_group(
+                q.index_select(0, index), k_cache, v_cache, block_tables.index_select(0, index)[:, :n_blocks],
+                context_lens.index_select(0, index).long(), scale, True, masked,
+            )  # fmt: skip
+            out.index_copy_(0, index, attended)
+        start = stop
     return out
 
 

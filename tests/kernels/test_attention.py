@@ -216,3 +216,15 @@ def test_prefill_sequence_with_no_new_queries_in_batch(backend):
         0.1,
     )
     assert_close(K.paged_prefill_attention(*args), R.paged_prefill_attention(*args))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 40_000])
+def test_torch_decode_cpu_chunking(monkeypatch, chunk_bytes):
+    """Rows split across many length-sorted chunks (one row each, or a few) give the same result."""
+    from tusk.kernels import torch_backend
+
+    monkeypatch.setattr(torch_backend, "CPU_DECODE_CHUNK_BYTES", chunk_bytes)
+    lens = [40, 1, 16, 90, 33, 16, 64]
+    batch = paged_batch(lens, [1] * len(lens), 16, 2, 4, 64, torch.float32, seed=13)
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.context_lens, batch.block_tables, 0.125)
+    assert_close(torch_backend.paged_decode_attention(*args), R.paged_decode_attention(*args))
