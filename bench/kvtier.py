@@ -4,9 +4,11 @@ Part 1: put/get GB/s of ``KVTierClient`` for batches of 1, 16 and 256 blocks of 
 tiny model's 32 KiB fp32 block and a Llama-8B-shaped 2 MiB bf16 block), against raw redis-py
 (asyncio + hiredis) pipelined SET/GET of the *same bytes under the same keys* in the same run, on
 a server this script starts with ``tusk.kvserver.start_server``. Raw and tier runs alternate and
-the median of several repetitions is reported. Two more write variants are measured to justify
-the value layout: ``put_blocks`` (header + payload concatenated per block) and raw
-``SET header`` + ``APPEND payload`` in MULTI (the no-concatenation alternative).
+the median of several repetitions is reported. The tier's put includes computing each block's
+CRC-32 (the raw SET sends bytes as they are); its get includes verifying it. Two more write
+variants are measured to justify the value layout: ``put_blocks`` (checksum, then header and
+payload concatenated per block) and raw ``SET header`` + ``APPEND payload`` in MULTI (the
+no-concatenation alternative, without any checksum).
 
 Part 2: time to first token for a 2k-token prompt on the tiny model, aggregated (one engine, no
 tier) vs disaggregated (prefill engine computes, writes its blocks through and flushes before
@@ -29,7 +31,7 @@ import redis.asyncio as aioredis
 
 from tusk.kvformat import ModelFingerprint, encode_block
 from tusk.kvserver import start_server
-from tusk.kvtier.client import BlockData, KVTierClient
+from tusk.kvtier.client import BlockData, KVTierClient, new_value_buffer, seal_value
 
 MIB = 1 << 20
 SHAPES = {
@@ -65,8 +67,14 @@ async def bench_shape(url: str, name: str, dtype: str, shape, batch: int, reps: 
     client = KVTierClient(url, fingerprint(dtype, shape), timeout_s=60, max_inflight_bytes=1 << 40)
     raw = aioredis.Redis.from_url(url, socket_timeout=60)
     keys = [client.key(h) for h in hashes]
-    values = [value] * batch
     blocks = [BlockData(dtype, shape, payload)] * batch
+    # The worker's write path: the engine's gather copies each block into a buffer that already
+    # has room for the header; the client checksums it in place and sends the buffer as is.
+    buffers = []
+    for _ in range(batch):
+        buf, view = new_value_buffer(dtype, shape)
+        view[:] = payload
+        buffers.append(buf)
 
     async def raw_put():
         pipe = raw.pipeline(transaction=False)
@@ -89,6 +97,7 @@ async def bench_shape(url: str, name: str, dtype: str, shape, batch: int, reps: 
         await pipe.execute()
 
     async def tier_put():
+        values = [seal_value(b, dtype, shape) for b in buffers]  # includes the CRC-32 pass
         assert await client.put_values(hashes, values) == batch
 
     async def tier_put_concat():

@@ -194,3 +194,15 @@ async def test_eviction_watcher_reports_a_restarted_server_as_cleared(fp):
     finally:
         await watcher.stop()
         server.stop()
+
+
+def test_metrics_can_be_exposed_on_a_worker_registry():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tusk.kvtier import metrics
+
+    registry = CollectorRegistry()
+    metrics.register(registry)
+    metrics.register(registry)  # twice is fine
+    text = generate_latest(registry).decode()
+    assert "tusk_kvtier_corrupt_blocks_total" in text and "tusk_kvtier_host_blocks" in text

@@ -7,7 +7,7 @@ exceptions, so these counters are how an operator sees that the tier is down, sl
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 TIER_HITS = Counter("tusk_kvtier_hits_total", "Blocks found intact in the KV tier")
 TIER_MISSES = Counter(
@@ -42,3 +42,33 @@ HOST_HITS = Counter("tusk_kvtier_host_hits_total", "Blocks served from the worke
 HOST_BLOCKS = Gauge("tusk_kvtier_host_blocks", "Blocks held in the worker's host cache")
 HOST_BYTES = Gauge("tusk_kvtier_host_bytes", "Bytes held in the worker's host cache")
 HOST_EVICTIONS = Counter("tusk_kvtier_host_evictions_total", "Blocks evicted from the host cache")
+
+ALL = (
+    TIER_HITS,
+    TIER_MISSES,
+    CORRUPT_BLOCKS,
+    TIER_ERRORS,
+    PUT_BLOCKS,
+    PUT_BYTES,
+    GET_BYTES,
+    DROPPED_WRITES,
+    INFLIGHT_BYTES,
+    OP_SECONDS,
+    HOST_HITS,
+    HOST_BLOCKS,
+    HOST_BYTES,
+    HOST_EVICTIONS,
+)
+
+
+def register(registry: CollectorRegistry) -> None:
+    """Also expose the tier's metrics on ``registry`` (e.g. a worker's own /metrics registry).
+
+    The metrics live in the default registry; a collector may belong to several registries, so
+    this adds them without moving them. Registering twice is harmless.
+    """
+    for collector in ALL:
+        try:
+            registry.register(collector)
+        except ValueError:  # already registered there
+            pass
