@@ -160,7 +160,14 @@ def build_server(router: Router, drain_timeout: float = 30.0):  # type: ignore[n
         http="httptools" if _has("httptools") else "h11",
         timeout_keep_alive=30,
     )
-    return uvicorn.Server(config)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            # Fail readiness and refuse new generations at once; in-flight streams go on.
+            router.api.draining = True
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+    return DrainingServer(config)
 
 
 async def serve(router: Router, sock: socket.socket, drain_timeout: float, announce: bool = True) -> None:

@@ -122,3 +122,33 @@ def test_deadline_turns_into_504(harness) -> None:
     resp = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 5})
     assert resp.status_code == 504, resp.text
     assert resp.json()["error"]["code"] == "timeout"
+
+
+def test_graceful_shutdown_finishes_inflight_streams(harness) -> None:
+    import signal
+
+    _, endpoint = harness.worker(token_delay_s=0.03)
+    router, url = harness.router([endpoint])
+    server = next(s for s, r in harness._servers if r is router)
+    lines: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST", f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True}, timeout=20
+        ) as r:
+            lines.extend(ln for ln in r.iter_lines() if ln)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(0.3)  # the stream is running
+
+    async def sigterm() -> None:
+        server.handle_exit(signal.SIGTERM, None)
+
+    harness.run(sigterm())
+    t.join(20)
+    assert lines[-1] == "data: [DONE]"
+    assert not any('"error"' in ln for ln in lines)
+    assert router.api.draining
+    with pytest.raises(httpx.HTTPError):  # no new connections after the drain started
+        httpx.get(f"{url}/health", timeout=2)
