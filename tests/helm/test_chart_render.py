@@ -8,7 +8,7 @@ import re
 import jsonschema
 import kubernetes_validate
 import pytest
-from conftest import (
+from chartkit import (
     CHART,
     KUBE_VERSION,
     MONITORING_API,

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import pytest
 import yaml
-from conftest import CHART, RELEASE, SCENARIOS, by_kind
+from chartkit import CHART, RELEASE, SCENARIOS, by_kind
 from tusk.operator import manifests
 
 REGENERATE = "run: python -m tusk.operator.manifests write-chart helm/tusk"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import CHART
+from chartkit import CHART
 from prometheus_client import REGISTRY
 from tusk.router.metrics import RouterMetrics
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CHART, EXAMPLES_DIR, REPO_ROOT, parse_documents
+from chartkit import CHART, EXAMPLES_DIR, REPO_ROOT, parse_documents
 
 KIND_DIR = REPO_ROOT / "deploy" / "kind"
 SCRIPTS = [KIND_DIR / "up.sh", KIND_DIR / "down.sh", REPO_ROOT / "scripts" / "k8s-tools.sh"]

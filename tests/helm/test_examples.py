@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import yaml
-from conftest import CHART, EXAMPLES_DIR, NAMESPACE, RELEASE, VALUES_DIR
+from chartkit import CHART, EXAMPLES_DIR, NAMESPACE, RELEASE, VALUES_DIR
 from tusk.operator.spec import parse_spec
 
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))

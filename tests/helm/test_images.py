@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import dockerfile
 import pytest
 import yaml
-from conftest import CHART, REPO_ROOT
+from chartkit import CHART, REPO_ROOT
 
 DOCKER_DIR = REPO_ROOT / "deploy" / "docker"
 DOCKERFILES = sorted(DOCKER_DIR.glob("*.Dockerfile"))

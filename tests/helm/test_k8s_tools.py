@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from chartkit import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "k8s-tools.py"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import kmock
 import pytest
 import yaml
-from conftest import EXAMPLES_DIR, NAMESPACE, SCENARIO_IDS, SCENARIOS, Tools, parse_documents, template_args
+from chartkit import EXAMPLES_DIR, NAMESPACE, SCENARIO_IDS, SCENARIOS, Tools, parse_documents, template_args
 
 # Kinds served by CRDs that are not in the chart (the Prometheus Operator's).
 PROMETHEUS_OPERATOR_KINDS = {
