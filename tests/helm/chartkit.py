@@ -6,6 +6,7 @@ area uses.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import tempfile
@@ -134,3 +135,46 @@ def close_objects(schema: Any) -> Any:
     ):
         out["additionalProperties"] = False
     return out
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """A copy of ``value`` with the structural schema's defaults filled in, recursively, the way
+    the API server defaults a custom resource before validating it."""
+    value = copy.deepcopy(value)
+    _default_into(schema, value)
+    return value
+
+
+def _default_into(schema: dict[str, Any], value: Any) -> None:
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                _default_into(sub, value[key])
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key in set(value) - set(schema.get("properties", {})):
+                _default_into(extra, value[key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            _default_into(schema["items"], item)
+
+
+def cel_violations(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    """Messages of every x-kubernetes-validations rule that ``value`` breaks (CEL, evaluated with
+    the ``common-expression-language`` package; rules see the node as ``self``)."""
+    import cel
+
+    found = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        if cel.evaluate(rule["rule"], {"self": value}) is not True:
+            found.append(f"{path or '<root>'}: {rule.get('message', rule['rule'])}")
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                found += cel_violations(sub, value[key], f"{path}.{key}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            found += cel_violations(schema["items"], item, f"{path}[{i}]")
+    return found

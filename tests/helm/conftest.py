@@ -65,23 +65,30 @@ def modeldeployment_schema() -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def validate_modeldeployment(modeldeployment_schema) -> Callable[[dict[str, Any]], None]:
-    """Structural check of a ModelDeployment against the CRD schema, then the operator's own parse.
+    """Check a ModelDeployment as the API server would, then parse it as the operator does.
 
     jsonschema covers types, enums, patterns, bounds and unknown-field typos (the API server
-    prunes unknown fields silently, so a typo would otherwise vanish); ``parse_spec`` applies the
-    rules the CRD expresses in CEL.
+    prunes unknown fields silently, so a typo would otherwise vanish). Then the schema's defaults
+    are applied and its CEL rules (x-kubernetes-validations) evaluated, as admission does.
+    ``parse_spec`` finally proves the operator accepts what the API server would store.
     """
     import jsonschema
+    from chartkit import apply_defaults, cel_violations
     from tusk.operator.spec import parse_spec
 
     closed = close_objects(modeldeployment_schema)
     validator = jsonschema.Draft7Validator(closed)
 
     def _validate(obj: dict[str, Any]) -> None:
+        name = obj.get("metadata", {}).get("name")
         errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
         if errors:
             where = "/".join(str(p) for p in errors[0].absolute_path)
-            raise AssertionError(f"{obj['metadata']['name']}: {where}: {errors[0].message}")
-        parse_spec(obj["spec"])
+            raise AssertionError(f"{name}: {where}: {errors[0].message}")
+        defaulted = apply_defaults(modeldeployment_schema, obj)
+        violations = cel_violations(modeldeployment_schema, defaulted)
+        if violations:
+            raise AssertionError(f"{name}: {'; '.join(violations)}")
+        parse_spec(defaulted["spec"])
 
     return _validate

@@ -75,6 +75,24 @@ def test_the_validator_catches_typos_and_bad_values(validate_modeldeployment):
             validate_modeldeployment(broken)
 
 
+def test_the_crd_cel_rules_are_enforced(validate_modeldeployment):
+    (md,) = _load(EXAMPLES_DIR / "tiny.yaml")
+    for change, message in (
+        ({"decode": {"replicas": 0}}, "decode.replicas must be at least 1"),
+        ({"kvTier": {"managed": {}, "external": {"url": "redis://cache:6379"}}}, "either external"),
+        ({"kvTier": {"managed": {"replicas": 2}}}, "at most one server"),
+        ({"model": {"source": "tiny", "tokenSecretRef": {"name": "hf-token"}}}, "only used with hf://"),
+    ):
+        broken = yaml.safe_load(yaml.safe_dump(md))
+        broken["spec"].update(change)
+        with pytest.raises(AssertionError, match=message):
+            validate_modeldeployment(broken)
+    long_name = yaml.safe_load(yaml.safe_dump(md))
+    long_name["metadata"]["name"] = "x" * 60
+    with pytest.raises(AssertionError, match="at most 48 characters"):
+        validate_modeldeployment(long_name)
+
+
 def test_notes_example_is_a_valid_modeldeployment(tools, validate_modeldeployment):
     out = tools.run(
         tools.helm, "install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
