@@ -143,6 +143,7 @@ class KubernetesDiscovery:
         namespace: str | None = None,
         selector: str = WORKER_SELECTOR,
         api_factory: Callable[[], Any] | None = None,
+        watch_timeout_s: int = 60,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
@@ -150,6 +151,7 @@ class KubernetesDiscovery:
         self.namespace = namespace
         self.selector = selector
         self._api_factory = api_factory
+        self.watch_timeout_s = watch_timeout_s
         self._pods: dict[str, list[DiscoveredWorker]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -163,6 +165,8 @@ class KubernetesDiscovery:
 
     async def stop(self) -> None:
         self._stop.set()
+        if self._thread is not None:  # it notices within one watch timeout
+            await asyncio.to_thread(self._thread.join, self.watch_timeout_s + 10)
 
     def _api(self) -> Any:
         if self._api_factory is not None:
@@ -178,11 +182,16 @@ class KubernetesDiscovery:
     def _watch_forever(self) -> None:
         from kubernetes import watch
 
+        api = None
         while not self._stop.is_set():
             try:
-                api = self._api()
+                api = api or self._api()
                 w = watch.Watch()
-                kwargs: dict[str, Any] = {"label_selector": self.selector, "timeout_seconds": 60}
+                kwargs: dict[str, Any] = {
+                    "label_selector": self.selector,
+                    "timeout_seconds": self.watch_timeout_s,
+                    "_request_timeout": self.watch_timeout_s * 2,  # if the server ignores timeout_seconds
+                }
                 if self.namespace:
                     stream = w.stream(api.list_namespaced_pod, self.namespace, **kwargs)
                 else:
@@ -193,12 +202,17 @@ class KubernetesDiscovery:
                         break
                     self._post(event.get("type"), event.get("object"))
             except Exception as exc:  # the API server restarted, a 410, a network blip: re-list
-                log.warning("pod watch failed; retrying", extra={"error": str(exc)})
-                self._stop.wait(2.0)
+                if self._stop.is_set():
+                    break
+                if "timed out" not in str(exc).lower():
+                    log.warning("pod watch failed; retrying", extra={"error": str(exc)})
+                    api = None
+                    self._stop.wait(2.0)
 
     def _post(self, kind: str | None, pod: Any) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self.on_event, kind, pod)
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.on_event, kind, pod)
 
     def on_event(self, kind: str | None, pod: Any) -> None:
         """Apply one watch event (ADDED / MODIFIED / DELETED) on the event loop."""

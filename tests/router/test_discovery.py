@@ -115,3 +115,55 @@ def test_watch_events_add_and_remove_workers_live(harness) -> None:
     event("DELETED", pod("b", ip=host2, port=int(port2)))
     wait(lambda: not router.registry.get("llama").clients, "last pod never left")
     assert httpx.post(f"{url}/v1/completions", json=body).status_code == 503
+
+
+def test_watch_loop_against_an_emulated_api_server(harness) -> None:
+    """The real watch thread and kubernetes client against kmock's API server emulator."""
+    import contextlib
+
+    import kmock
+    from kubernetes import client as k8s
+
+    stack = contextlib.AsyncExitStack()
+
+    async def start_emulator() -> str:
+        emulator = await stack.enter_async_context(kmock.KubernetesEmulator())
+        server = await stack.enter_async_context(kmock.Server(emulator))
+        emulator.resources.load_bundled()
+        return str(server.url).rstrip("/")
+
+    api_url = harness.run(start_emulator())
+
+    def api() -> k8s.CoreV1Api:
+        return k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=api_url)))
+
+    _, endpoint = harness.worker(model="llama", tokenizer_dir=harness.tokenizer_dir)
+    router, url = harness.router([], wait_ready=False)
+    disc = KubernetesDiscovery(
+        router.registry,
+        router.metrics,
+        RoutingConfig(policy="round_robin"),
+        api_factory=api,
+        watch_timeout_s=1,
+    )
+    harness.run(disc.start())
+    try:
+        host, port = endpoint.address.split(":")
+        api().create_namespaced_pod("ml", pod("w-1", ip=host, port=int(port)))
+        deadline = time.monotonic() + 15
+        while not ("llama" in router.registry.models and router.registry.get("llama").has_ready_worker()):
+            assert time.monotonic() < deadline, "watched pod never became a worker"
+            time.sleep(0.05)
+        assert (
+            httpx.post(
+                f"{url}/v1/completions", json={"model": "llama", "prompt": "x", "max_tokens": 2}
+            ).status_code
+            == 200
+        )
+        api().delete_namespaced_pod("w-1", "ml")
+        while router.registry.get("llama").clients:
+            assert time.monotonic() < deadline + 10, "deleted pod never left"
+            time.sleep(0.05)
+    finally:
+        harness.run(disc.stop(), timeout=30)
+        harness.run(stack.aclose())
