@@ -67,6 +67,17 @@ def test_every_object_is_valid_kubernetes(render, scenario: Scenario):
     assert checked >= 12
 
 
+def test_oldest_supported_kubernetes_accepts_every_object(render, tools):
+    """Chart.yaml promises 1.29+: everything (all options on) validates against 1.29's schemas,
+    and helm refuses older clusters instead of failing half-way through an install."""
+    objects = render(SCENARIOS[-1], "--kube-version", "1.29.0")
+    for obj in objects:
+        if obj["apiVersion"].rpartition("/")[0] not in CRD_TYPED_GROUPS:
+            kubernetes_validate.validate(obj, "1.29.0", strict=True)
+    proc = tools.run(tools.helm, *template_args(SCENARIOS[0], "--kube-version", "1.28.9"), check=False)
+    assert proc.returncode != 0 and "kubeVersion" in proc.stderr
+
+
 def test_values_schema_rejects_typos_and_bad_values(tools):
     bad = {
         "router.replicass=2": "additional properties",
