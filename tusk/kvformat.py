@@ -26,10 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import zlib
 from dataclasses import dataclass
 
 from tusk.hashing import HASH_VERSION, format_hash
+
+try:  # ISA-L's CRC-32 is the same function as zlib's, 10-15x faster (the tier's hot path)
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is a worker dependency; zlib gives equal values
+    from zlib import crc32
 
 FORMAT_VERSION = 1
 MAGIC = b"TKV"
@@ -113,9 +117,7 @@ def encode_header(dtype: str, shape: tuple[int, ...], payload: bytes | memoryvie
         expected *= dim
     if expected != view.nbytes:
         raise ValueError(f"shape {shape} of {dtype} needs {expected} bytes, payload has {view.nbytes}")
-    fixed = _FIXED.pack(
-        MAGIC, FORMAT_VERSION, DTYPE_CODES[dtype], len(shape), 0, view.nbytes, zlib.crc32(view)
-    )
+    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, DTYPE_CODES[dtype], len(shape), 0, view.nbytes, crc32(view))
     return fixed + struct.pack(f"<{len(shape)}I", *shape)
 
 
@@ -150,6 +152,6 @@ def decode_block(value: bytes | memoryview) -> tuple[BlockHeader, memoryview]:
     if expected != nbytes:
         raise CorruptBlock(f"shape {shape} of {dtype} does not match {nbytes} payload bytes")
     payload = view[shape_end:]
-    if zlib.crc32(payload) != checksum:
+    if crc32(payload) != checksum:
         raise CorruptBlock("checksum mismatch")
     return BlockHeader(dtype, tuple(shape), nbytes, checksum, version), payload

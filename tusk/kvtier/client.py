@@ -42,7 +42,7 @@ from tusk.kvtier.connect import connect
 log = logging.getLogger(__name__)
 
 BlockResult = tuple[BlockHeader, memoryview] | None
-_THREAD_DECODE_BYTES = 1 << 20
+_THREAD_DECODE_BYTES = 8 << 20
 _FAULTS = (RedisError, OSError, asyncio.TimeoutError, ConnectionError)
 
 
