@@ -389,3 +389,11 @@ def test_api_keys_secret_reaches_the_router_and_the_helm_test(render):
     assert test_pod["spec"]["volumes"][0]["secret"]["secretName"] == "router-keys"
     assert "Authorization: Bearer" in test_pod["spec"]["containers"][0]["args"][0]
     assert "TUSK_API_KEYS_FILE" not in {e["name"] for e in _router_container(render(SCENARIOS[0]))["env"]}
+
+
+def test_image_pull_secrets_reach_every_chart_pod(render):
+    objects = render(SCENARIOS[1], "--set", "imagePullSecrets[0].name=registry")
+    for name, spec in pod_specs(objects):
+        if not name.startswith("Pod/"):  # the helm test pulls a public curl image
+            assert spec["imagePullSecrets"] == [{"name": "registry"}], name
+    assert all("imagePullSecrets" not in spec for _, spec in pod_specs(render(SCENARIOS[1])))

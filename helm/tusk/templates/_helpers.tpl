@@ -69,10 +69,3 @@ app.kubernetes.io/component: {{ .component }}
 {{- if $url }}{{ $_ := set $base "kv_tier_url" $url }}{{ end -}}
 {{- toJson (mergeOverwrite (deepCopy .Values.router.config) $base) }}
 {{- end }}
-
-{{- define "tusk.imagePullSecrets" -}}
-{{- with .Values.imagePullSecrets }}
-imagePullSecrets:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- end }}
