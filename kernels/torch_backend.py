@@ -13,7 +13,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
-from tusk.kernels.sampling_core import SamplingBatch, row_uniform
+from tusk.kernels.sampling_torch import sample  # noqa: F401  (the torch backend's sampler)
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -228,46 +228,14 @@ def paged_prefill_attention(
     return out
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    n_rows, vocab = logits.shape
-    if n_rows == 0:
-        return torch.empty(0, dtype=torch.int64, device=logits.device)
-    device = logits.device
-    temperature = batch.temperature.to(device=device, dtype=torch.float32)
-    greedy = temperature <= 0
-    tokens = torch.argmax(logits, dim=-1)
-    if bool(greedy.all()):
-        return tokens
-    safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
-    probs = torch.softmax(logits.float() / safe_temperature[:, None], dim=-1)
-    top_k = batch.top_k.to(device=device, dtype=torch.int64)
-    top_p = batch.top_p.to(device=device, dtype=torch.float32)
-    k_active = (top_k > 0) & (top_k < vocab)
-    p_active = (top_p > 0) & (top_p < 1)
-    if bool((k_active | p_active).any()):
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-        keep_sorted = torch.ones_like(sorted_probs, dtype=torch.bool)
-        if bool(k_active.any()):
-            kth_index = torch.where(k_active, top_k - 1, torch.full_like(top_k, vocab - 1))
-            kth = sorted_probs.gather(1, kth_index[:, None])
-            keep_sorted &= sorted_probs >= kth
-            sorted_probs = torch.where(keep_sorted, sorted_probs, torch.zeros_like(sorted_probs))
-        if bool(p_active.any()):
-            normed = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
-            mass_before = torch.cumsum(normed, dim=-1) - normed
-            keep_sorted &= (mass_before < top_p[:, None]) | ~p_active[:, None]
-        keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
-        probs = torch.where(keep, probs, torch.zeros_like(probs))
-    cdf = torch.cumsum(probs.double(), dim=-1)
-    uniforms = [0.0 if bool(greedy[row]) else row_uniform(batch, row) for row in range(n_rows)]
-    thresholds = torch.tensor(uniforms, dtype=torch.float64, device=device)[:, None] * cdf[:, -1:]
-    drawn = torch.searchsorted(cdf, thresholds, right=True).flatten().clamp_(max=vocab - 1)
-    return torch.where(greedy, tokens, drawn)
-
-
 def gather_kv_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    picked = kv_cache.index_select(2, block_ids.long())
-    return picked.permute(2, 0, 1, 3, 4, 5).contiguous()
+    layers, two, n_blocks = kv_cache.shape[:3]
+    if kv_cache.is_contiguous():
+        # index_select on the block axis of a [N, L*2, X] view writes the output layout in one pass
+        by_block = kv_cache.view(layers * two, n_blocks, -1).transpose(0, 1)
+        picked = by_block.index_select(0, block_ids.long())
+        return picked.view(block_ids.shape[0], layers, two, *kv_cache.shape[3:])
+    return kv_cache.index_select(2, block_ids.long()).permute(2, 0, 1, 3, 4, 5).contiguous()
 
 
 def scatter_kv_blocks(blocks: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor) -> None:

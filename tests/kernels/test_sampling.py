@@ -126,3 +126,29 @@ def test_mix_seed_is_stable():
     assert K.mix_seed(1, 2) == 9021010677631926090
     assert K.mix_seed(1, 2) != K.mix_seed(2, 1)
     assert 0 <= K.mix_seed(2**70, 5) < 2**63
+
+
+@pytest.mark.parametrize("candidates", [1024, 8])
+def test_torch_sampler_matches_reference_on_edge_cases(monkeypatch, candidates):
+    """Ties at the top-k boundary and nuclei wider than the candidate list take the full-sort path."""
+    from tusk.kernels import sampling_torch
+
+    monkeypatch.setattr(sampling_torch, "TOP_P_CANDIDATES", candidates)
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(10, 300, generator=gen)
+    logits[1] = 0.0  # all tied: top-k keeps every token
+    logits[2, :20] = 5.0  # 20-way tie around k=5
+    logits[3] = 0.0  # flat: nucleus of 0.9 spans 270 tokens
+    batch = _batch(
+        10,
+        temperature=[0.0, 1.0, 1.0, 1.0, 0.7, 1.2, 0.0, 1.0, 0.9, 1.0],
+        top_p=[1.0, 1.0, 1.0, 0.9, 0.8, 0.95, 0.5, 1.0, 0.3, 0.99],
+        top_k=[0, 5, 5, 0, 0, 20, 3, 0, 2, 299],
+        seeds=list(range(100, 110)),
+        steps=list(range(10)),
+    )
+    K.force_backend("torch")
+    assert K.sample(logits, batch).tolist() == R.sample(logits, batch).tolist()
+    for trial in range(5):
+        batch.steps = [s + 10 * (trial + 1) for s in range(10)]
+        assert K.sample(logits, batch).tolist() == R.sample(logits, batch).tolist()
