@@ -259,7 +259,11 @@ class RouterAPI:
                     yield text, None
         if gen.finish_reason == "abort":
             raise worker_failed("the worker aborted the request (draining or cancelled)")
-        yield stops.flush(), gen.finish_reason or "stop"
+        text = stops.feed(detok.flush())
+        if stops.stopped:
+            yield text, "stop"
+            return
+        yield text + stops.flush(), gen.finish_reason or "stop"
 
     def _usage(self, gen: Generation) -> dict[str, Any]:
         prompt = len(gen.req.prompt_ids)

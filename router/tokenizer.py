@@ -128,17 +128,31 @@ class Detokenizer:
     """Streaming decoder that only ever emits whole characters.
 
     Byte-level BPE splits a multi-byte character across tokens; ``DecodeStream`` buffers the
-    bytes until they form valid UTF-8, so a client never sees a half character or U+FFFD.
+    bytes until they form valid UTF-8, so a client never sees a half character mid-stream.
+    Bytes that never complete (a model can emit any byte sequence) are released by ``flush``
+    at the end, as U+FFFD like a plain ``decode``, so the final text equals ``decode(all ids)``.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._stream = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []
+        self._emitted = 0  # characters handed out so far
 
     def push(self, token_ids: list[int]) -> str:
+        self._ids.extend(token_ids)
         parts = []
         for token_id in token_ids:
             piece = self._stream.step(self._tokenizer, token_id)
             if piece:
                 parts.append(piece)
-        return "".join(parts)
+        text = "".join(parts)
+        self._emitted += len(text)
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held back once no more tokens will come."""
+        full = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        rest = full[self._emitted :]
+        self._emitted = len(full)
+        return rest

@@ -123,3 +123,20 @@ def test_policy_header_overrides_the_default(harness) -> None:
         headers = {"x-tusk-policy": "session", "x-tusk-session": "alice"}
         assert httpx.post(f"{url}/v1/completions", json=body, headers=headers).status_code == 200
     assert sorted([len(a.s.generate_calls), len(b.s.generate_calls)]) == [0, 4]  # sticky
+
+
+def test_bytes_that_never_complete_a_character_are_flushed_at_the_end(harness) -> None:
+    ids = harness.script("ok 🦀")
+    script = ids[:-1] + ids[-1:] + ids[-2:-1]  # ends with the crab's first byte token alone
+    _, endpoint = harness.worker(script=script)
+    _, url = harness.router([endpoint])
+    body = {"model": MODEL, "prompt": "x"}
+    text = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"]
+    assert text == harness.tokenizer.decode(script) and text.endswith("\ufffd")
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
+        pieces = [
+            httpx.Response(200, content=ln[6:]).json()["choices"][0]["text"]
+            for ln in r.iter_lines()
+            if ln.startswith("data: {")
+        ]
+    assert "".join(pieces) == text
