@@ -43,8 +43,8 @@ SCENARIOS = [
     Scenario("ingress", ("ingress.yaml",)),
     Scenario("namespaced", ("namespaced.yaml",)),
     Scenario("servicemonitor", ("servicemonitor.yaml",), (MONITORING_API,)),
-    Scenario("everything", ("managed-tier.yaml", "ingress.yaml", "namespaced.yaml", "servicemonitor.yaml"),
-             (MONITORING_API,)),
+    Scenario("everything", ("managed-tier.yaml", "ingress.yaml", "namespaced.yaml", "servicemonitor.yaml",
+                            "autoscaling.yaml"), (MONITORING_API,)),
 ]  # fmt: skip
 SCENARIO_IDS = [s.name for s in SCENARIOS]
 

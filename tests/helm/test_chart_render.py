@@ -397,3 +397,46 @@ def test_image_pull_secrets_reach_every_chart_pod(render):
         if not name.startswith("Pod/"):  # the helm test pulls a public curl image
             assert spec["imagePullSecrets"] == [{"name": "registry"}], name
     assert all("imagePullSecrets" not in spec for _, spec in pod_specs(render(SCENARIOS[1])))
+
+
+def test_router_autoscaling_owns_the_replica_count(render, tools):
+    objects = render(SCENARIOS[-1])
+    hpa = one(objects, "HorizontalPodAutoscaler", f"{RELEASE}-router")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": f"{RELEASE}-router",
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert "replicas" not in one(objects, "Deployment", f"{RELEASE}-router")["spec"]
+    assert not by_kind(render(SCENARIOS[0]), "HorizontalPodAutoscaler")
+    bad = ("--set", "router.autoscaling.enabled=true", "--set", "router.autoscaling.minReplicas=9")
+    proc = tools.run(tools.helm, *template_args(SCENARIOS[0], *bad), check=False)
+    assert proc.returncode != 0 and "must not exceed maxReplicas" in proc.stderr
+
+
+def test_tier_network_policy_admits_the_router_and_operator_made_workers(render):
+    from tusk.operator.desired import Owner, desired_children
+    from tusk.operator.spec import parse_spec
+
+    objects = render(SCENARIOS[1])
+    policy = one(objects, "NetworkPolicy", f"{RELEASE}-kv")
+    tier_labels = one(objects, "Deployment", f"{RELEASE}-kv")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= tier_labels.items()
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["namespaceSelector"] == {}
+    allowed = peer["podSelector"]["matchLabels"]
+    router_labels = one(objects, "Deployment", f"{RELEASE}-router")["spec"]["template"]["metadata"]["labels"]
+    assert allowed.items() <= router_labels.items()
+    children = desired_children(Owner("tiny", "team-a", "uid-1"), parse_spec({"model": {"source": "tiny"}}))
+    workers = [
+        c
+        for c in children
+        if c["kind"] == "Deployment" and "tusk-worker" in str(c["spec"]["template"]["metadata"]["labels"])
+    ]
+    assert workers
+    for worker in workers:
+        assert allowed.items() <= worker["spec"]["template"]["metadata"]["labels"].items()
+    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    assert not by_kind(render(SCENARIOS[1], "--set", "kvTier.networkPolicy.enabled=false"), "NetworkPolicy")
