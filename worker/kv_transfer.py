@@ -53,6 +53,7 @@ from tusk.kvtier.watch import TierEvictionWatcher
 log = logging.getLogger(__name__)
 
 _FORGOTTEN_MAX = 4096
+_MAX_CHUNK_BLOCKS = 64
 LAYOUT = "L2NTHD"  # the engine's cache layout; one block is [layers, K/V, tokens, kv heads, dim]
 
 _TORCH_TO_NAME = {
@@ -107,25 +108,28 @@ class KVTransfer:
         store: TieredBlockStore,
         fingerprint: ModelFingerprint,
         *,
-        chunk_blocks: int = 8,
+        chunk_blocks: int | None = None,
+        chunk_bytes: int = 8 << 20,
         max_snapshot_bytes: int = 256 << 20,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         """Binds to ``loop`` or, by default, the running loop (construct it there)."""
         if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
             raise ValueError(f"kv_cache must be [L, 2, N, block_size, Hkv, D], got {tuple(kv_cache.shape)}")
-        if chunk_blocks <= 0:
+        if chunk_blocks is not None and chunk_blocks <= 0:
             raise ValueError(f"chunk_blocks must be positive, got {chunk_blocks}")
         self.kv_cache = kv_cache
         self.store = store
         self.fingerprint = fingerprint
-        self.chunk_blocks = chunk_blocks
         self.max_snapshot_bytes = max_snapshot_bytes
         self.block_shape = (int(kv_cache.shape[0]), 2, *(int(d) for d in kv_cache.shape[3:]))
         self.dtype_name = _TORCH_TO_NAME[kv_cache.dtype]
         self._value_nbytes = header_size(len(self.block_shape)) + kv_cache.element_size() * math.prod(
             self.block_shape
         )
+        # One GET pipeline per chunk: big enough to amortise a round trip and a thread hop, small
+        # enough that the next chunk's transfer overlaps this one's copy into the cache.
+        self.chunk_blocks = chunk_blocks or max(1, min(_MAX_CHUNK_BLOCKS, chunk_bytes // self._value_nbytes))
         self._loop = loop or asyncio.get_running_loop()
         self._gather, self._scatter = _kernels()
         self._lock = threading.Lock()
