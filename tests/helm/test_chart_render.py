@@ -8,6 +8,7 @@ import re
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 from chartkit import (
     CHART,
     KUBE_VERSION,
@@ -440,3 +441,13 @@ def test_tier_network_policy_admits_the_router_and_operator_made_workers(render)
         assert allowed.items() <= worker["spec"]["template"]["metadata"]["labels"].items()
     assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
     assert not by_kind(render(SCENARIOS[1], "--set", "kvTier.networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+def test_packaged_chart_renders_like_the_folder(tools, render, tmp_path):
+    """`helm package` keeps files/ and crds/ (the generated RBAC and dashboard live there)."""
+    tools.run(tools.helm, "package", str(CHART), "--destination", str(tmp_path))
+    (archive,) = tmp_path.glob("tusk-*.tgz")
+    args = template_args(SCENARIOS[1], "--include-crds")
+    args[args.index(str(CHART))] = str(archive)
+    packaged = [o for o in yaml.safe_load_all(tools.run(tools.helm, *args).stdout) if o]
+    assert packaged == render(SCENARIOS[1], "--include-crds")
