@@ -242,3 +242,20 @@ def run_backend(op_name: str, backend: str, *args):
     if reason is not None:
         raise UnsupportedBackendError(op_name, backend, reason)
     return impl.fn(*args)
+
+
+def describe() -> list[dict]:
+    """Every (op, backend) with its declared devices and dtypes, for docs, logs and debugging."""
+    rows = []
+    for op in _OPS.values():
+        for impl in op.impls.values():
+            rows.append(
+                {
+                    "op": op.name,
+                    "backend": impl.backend,
+                    "devices": sorted(impl.devices),
+                    "dtypes": sorted(str(d).removeprefix("torch.") for d in impl.dtypes),
+                    "shape_checks": impl.shape_check is not None,
+                }
+            )
+    return rows

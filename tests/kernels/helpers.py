@@ -43,6 +43,7 @@ def paged_batch(
     dtype: torch.dtype,
     seed: int = 0,
     spare_blocks: int = 3,
+    device: torch.device | str = "cpu",
 ) -> PagedBatch:
     """Random K/V in a cache whose blocks are handed out in shuffled order (never contiguous)."""
     gen = torch.Generator().manual_seed(seed)
@@ -61,4 +62,5 @@ def paged_batch(
     cu = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(query_lens, dtype=torch.int32).cumsum(0) if query_lens else cu[1:]
     q = torch.randn(int(cu[-1]), kv_heads * group, head_dim, generator=gen).to(dtype)
-    return PagedBatch(k_cache, v_cache, tables, torch.tensor(context_lens, dtype=torch.int32), cu, q)
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    return PagedBatch(*(t.to(device) for t in (k_cache, v_cache, tables, lens, cu, q)))

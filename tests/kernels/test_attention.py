@@ -28,25 +28,25 @@ def _cases(grid_name: str):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,group,block_size", _cases("full"))
-def test_decode_torch(dtype, head_dim, group, block_size):
+def test_decode_torch(device, dtype, head_dim, group, block_size):
     lens = [1, block_size, 2 * block_size, 37, 3 * block_size + 5, 200]
-    _check_decode("torch", dtype, head_dim, group, block_size, lens)
+    _check_decode("torch", dtype, head_dim, group, block_size, lens, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,group,block_size", _cases("small"))
-def test_decode_triton(triton_ready, dtype, head_dim, group, block_size):
-    _check_decode("triton", dtype, head_dim, group, block_size, [1, block_size, 37])
+def test_decode_triton(triton_ready, device, dtype, head_dim, group, block_size):
+    _check_decode("triton", dtype, head_dim, group, block_size, [1, block_size, 37], device)
 
 
 @pytest.mark.parametrize("splits", [2, 3])
-def test_decode_triton_split_context(triton_ready, splits, monkeypatch):
+def test_decode_triton_split_context(triton_ready, device, splits, monkeypatch):
     monkeypatch.setattr(triton_backend, "FORCED_DECODE_SPLITS", splits)
-    _check_decode("triton", torch.float32, 64, 4, 16, [1, 16, 70])
+    _check_decode("triton", torch.float32, 64, 4, 16, [1, 16, 70], device)
 
 
-def _check_decode(backend, dtype, head_dim, group, block_size, lens):
-    batch = paged_batch(lens, [1] * len(lens), block_size, 2, group, head_dim, dtype)
+def _check_decode(backend, dtype, head_dim, group, block_size, lens, device):
+    batch = paged_batch(lens, [1] * len(lens), block_size, 2, group, head_dim, dtype, device=device)
     K.force_backend(backend)
     args = (batch.q, batch.k_cache, batch.v_cache, batch.context_lens, batch.block_tables, _scale(head_dim))
     out = K.paged_decode_attention(*args)
@@ -65,19 +65,21 @@ def _prefill_lens(block_size: int, small: bool):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,group,block_size", _cases("full"))
-def test_prefill_torch(dtype, head_dim, group, block_size):
-    _check_prefill("torch", dtype, head_dim, group, block_size, *_prefill_lens(block_size, False))
+def test_prefill_torch(device, dtype, head_dim, group, block_size):
+    _check_prefill("torch", device, dtype, head_dim, group, block_size, *_prefill_lens(block_size, False))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,group,block_size", _cases("small"))
-def test_prefill_triton(triton_ready, dtype, head_dim, group, block_size):
-    _check_prefill("triton", dtype, head_dim, group, block_size, *_prefill_lens(block_size, True))
+def test_prefill_triton(triton_ready, device, dtype, head_dim, group, block_size):
+    _check_prefill("triton", device, dtype, head_dim, group, block_size, *_prefill_lens(block_size, True))
 
 
-def _check_prefill(backend, dtype, head_dim, group, block_size, context_lens, query_lens):
+def _check_prefill(backend, device, dtype, head_dim, group, block_size, context_lens, query_lens):
     kv_heads = 1 if group == 8 else 2
-    batch = paged_batch(context_lens, query_lens, block_size, kv_heads, group, head_dim, dtype, seed=7)
+    batch = paged_batch(
+        context_lens, query_lens, block_size, kv_heads, group, head_dim, dtype, seed=7, device=device
+    )
     K.force_backend(backend)
     args = (
         batch.q,

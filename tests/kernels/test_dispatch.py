@@ -145,3 +145,11 @@ def test_detect_device_cpu_and_known_parts():
     assert device_module._known_part("AMD Instinct MI300X")[0] == 5300.0
     assert device_module._known_part("Some Future Part") == (None, None)
     assert K.detect_device().kind in device_module.KINDS
+
+
+def test_describe_lists_every_op_and_backend():
+    rows = K.describe()
+    assert {r["op"] for r in rows} == set(K.ops())
+    triton_rows = {r["op"] for r in rows if r["backend"] == "triton"}
+    assert triton_rows == set(GPU_OPS)
+    assert all("cpu" in r["devices"] for r in rows if r["backend"] == "torch")

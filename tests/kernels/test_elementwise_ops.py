@@ -12,19 +12,19 @@ from tusk import kernels as K
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7, 64), (3, 96), (1, 128)])
-def test_rms_norm(backend, dtype, shape):
+def test_rms_norm(backend, device, dtype, shape):
     gen = torch.Generator().manual_seed(1)
-    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
-    w = torch.randn(shape[-1], generator=gen).to(dtype)
+    x = (torch.randn(shape, generator=gen) * 3).to(device, dtype)
+    w = torch.randn(shape[-1], generator=gen).to(device, dtype)
     K.force_backend(backend)
     assert_close(K.rms_norm(x, w, 1e-5), R.rms_norm(x, w, 1e-5))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_add_rms_norm(backend, dtype):
+def test_fused_add_rms_norm(backend, device, dtype):
     gen = torch.Generator().manual_seed(2)
-    x, residual = (torch.randn(5, 64, generator=gen).to(dtype) for _ in range(2))
-    w = torch.randn(64, generator=gen).to(dtype)
+    x, residual = (torch.randn(5, 64, generator=gen).to(device, dtype) for _ in range(2))
+    w = torch.randn(64, generator=gen).to(device, dtype)
     K.force_backend(backend)
     normed, residual_out = K.fused_add_rms_norm(x, residual, w, 1e-6)
     ref_normed, ref_residual = R.fused_add_rms_norm(x, residual, w, 1e-6)
@@ -43,8 +43,8 @@ def test_rms_norm_reference_matches_definition():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul(backend, dtype):
-    x = torch.randn(6, 2 * 80, generator=torch.Generator().manual_seed(3)).to(dtype)
+def test_silu_and_mul(backend, device, dtype):
+    x = torch.randn(6, 2 * 80, generator=torch.Generator().manual_seed(3)).to(device, dtype)
     K.force_backend(backend)
     out = K.silu_and_mul(x)
     assert out.shape == (6, 80)
@@ -105,13 +105,13 @@ def _hf_rotate_half(x):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("head_dim,group", [(64, 1), (128, 4), (64, 8)])
-def test_apply_rotary(backend, dtype, is_neox, head_dim, group):
+def test_apply_rotary(backend, device, dtype, is_neox, head_dim, group):
     gen = torch.Generator().manual_seed(4)
     kv_heads = 2
-    cache = K.rope_cos_sin_cache(head_dim, 64, 10000.0, LLAMA3, dtype, "cpu")
-    positions = torch.tensor([0, 5, 17, 63, 31])
-    q = torch.randn(5, kv_heads * group, head_dim, generator=gen).to(dtype)
-    k = torch.randn(5, kv_heads, head_dim, generator=gen).to(dtype)
+    cache = K.rope_cos_sin_cache(head_dim, 64, 10000.0, LLAMA3, dtype, device)
+    positions = torch.tensor([0, 5, 17, 63, 31], device=device)
+    q = torch.randn(5, kv_heads * group, head_dim, generator=gen).to(device, dtype)
+    k = torch.randn(5, kv_heads, head_dim, generator=gen).to(device, dtype)
     K.force_backend(backend)
     q_out, k_out = K.apply_rotary(q, k, positions, cache, is_neox)
     q_ref, k_ref = R.apply_rotary(q, k, positions, cache, is_neox)
@@ -144,14 +144,16 @@ def test_partial_rotary_leaves_tail_untouched(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_write_kv_cache_into_worker_layout(backend, dtype, block_size):
+def test_write_kv_cache_into_worker_layout(backend, device, dtype, block_size):
     """The worker passes kv_cache[l, 0] / kv_cache[l, 1] of one [L, 2, N, bs, Hkv, D] tensor."""
     gen = torch.Generator().manual_seed(5)
-    kv_cache = torch.randn(2, 2, 6, block_size, 2, 64, generator=gen).to(dtype)
+    kv_cache = torch.randn(2, 2, 6, block_size, 2, 64, generator=gen).to(device, dtype)
     expected = kv_cache.clone()
-    slots = torch.tensor([0, block_size - 1, block_size, -1, 5 * block_size + 3, 2 * block_size])
-    k = torch.randn(6, 2, 64, generator=gen).to(dtype)
-    v = torch.randn(6, 2, 64, generator=gen).to(dtype)
+    slots = torch.tensor(
+        [0, block_size - 1, block_size, -1, 5 * block_size + 3, 2 * block_size], device=device
+    )
+    k = torch.randn(6, 2, 64, generator=gen).to(device, dtype)
+    v = torch.randn(6, 2, 64, generator=gen).to(device, dtype)
     R.write_kv_cache(k, v, expected[1, 0], expected[1, 1], slots)
     K.force_backend(backend)
     K.write_kv_cache(k, v, kv_cache[1, 0], kv_cache[1, 1], slots)
