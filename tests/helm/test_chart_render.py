@@ -451,3 +451,26 @@ def test_packaged_chart_renders_like_the_folder(tools, render, tmp_path):
     args[args.index(str(CHART))] = str(archive)
     packaged = [o for o in yaml.safe_load_all(tools.run(tools.helm, *args).stdout) if o]
     assert packaged == render(SCENARIOS[1], "--include-crds")
+
+
+def _notes(tools, *args: str) -> str:
+    out = tools.run(
+        tools.helm, "install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE, *args
+    ).stdout
+    return out.split("NOTES:", 1)[1]
+
+
+def test_notes_put_the_first_model_where_operator_and_router_both_look(tools):
+    notes = _notes(tools, "--values", str(VALUES_DIR / "namespaced.yaml"))
+    assert "kubectl apply -n team-a -f -" in notes and "kubectl -n team-a wait" in notes
+    assert "WARNING" not in notes
+    mismatch = _notes(
+        tools,
+        "--values",
+        str(VALUES_DIR / "namespaced.yaml"),
+        "--set",
+        "router.discovery.namespace=elsewhere",
+    )
+    assert "WARNING: the router discovers workers only in elsewhere" in mismatch
+    no_api = _notes(tools, "--values", str(VALUES_DIR / "servicemonitor.yaml"))
+    assert "does not serve\nmonitoring.coreos.com/v1" in no_api
