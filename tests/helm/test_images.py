@@ -140,6 +140,38 @@ def test_router_image_has_no_torch():
     assert not deps & {"torch", "triton", "safetensors", "transformers"}, deps
 
 
+def _installed_closure(names: set[str]) -> set[str]:
+    """Every distribution ``names`` pull in, following installed packages' metadata (no network)."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for text in requires:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def test_router_dependency_closure_has_no_torch():
+    base = {re.split(r"[<>=\[; ]", r, maxsplit=1)[0].lower() for r in PYPROJECT["project"]["dependencies"]}
+    closure = _installed_closure(_extra_requirements("router") | base)
+    heavy = {n for n in closure if n in {"torch", "triton", "transformers"} or n.startswith("nvidia-")}
+    assert not heavy, f"the router image would pull {sorted(heavy)}"
+    assert "kubernetes" in closure and "tokenizers" in closure
+
+
 @pytest.mark.parametrize(
     ("name", "index"), [("worker-cpu", "whl/cpu"), ("worker-cuda", "whl/cu"), ("worker-rocm", "whl/rocm")]
 )
