@@ -124,9 +124,10 @@ class LlamaModel:
             x, residual = K.fused_add_rms_norm(hidden, residual, layer.post_norm, spec.rms_norm_eps)
             hidden = F.linear(K.silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
         assert residual is not None
-        last_hidden = hidden.index_select(0, logits_indices)
-        last_residual = residual.index_select(0, logits_indices)
-        x, _ = K.fused_add_rms_norm(last_hidden, last_residual, self.norm, spec.rms_norm_eps)
+        if logits_indices.shape[0] != t:  # only the rows that sample go through the norm and head
+            hidden = hidden.index_select(0, logits_indices)
+            residual = residual.index_select(0, logits_indices)
+        x, _ = K.fused_add_rms_norm(hidden, residual, self.norm, spec.rms_norm_eps)
         return F.linear(x, self.lm_head).float()
 
     def _attention(
