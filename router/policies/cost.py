@@ -139,20 +139,58 @@ class CostPolicy:
             self.decode_step_s.add(outcome.decode_s / outcome.decode_tokens)
 
     # ----------------------------------------------------------------- routing
-    def _estimate(
-        self, w: WorkerState, request: RoutingRequest, local_blocks: int, tier_blocks: int
-    ) -> tuple[float, int, float]:
-        """(estimated TTFT s, uncached tokens, routing score) if ``w`` prefilled this request."""
-        rate = w.prefill_tokens_per_s if w.prefill_tokens_per_s > 0 else self.default_rate
-        fetched = max(0, tier_blocks - local_blocks)
-        cached_tokens = min(request.prompt_tokens, max(local_blocks, tier_blocks) * request.block_size)
-        uncached = request.prompt_tokens - cached_tokens
-        queued = w.queued_prefill_tokens
-        steps = math.ceil((queued + uncached) / self.chunk_tokens)
-        compute_s = uncached / rate + steps * w.decode_step_s
-        fetch_s = fetched * self.tier_fetch_s_per_block
-        ttft = max(queued / rate, fetch_s) + compute_s
-        return ttft, uncached, ttft + self.recompute_weight * uncached / rate
+    def _best(
+        self,
+        candidates: list[WorkerState],
+        request: RoutingRequest,
+        matches: dict[str, int],
+        tier: int,
+        scores: dict[str, float],
+    ) -> tuple[WorkerState, float, int]:
+        """(worker, its estimated TTFT, its uncached tokens) with the lowest routing score
+        ``ttft + recompute_weight * uncached / rate``; ties go to more free KV, then fewer
+        in-flight requests. This loop is the hot path (one pass over the candidates, inlined
+        arithmetic): keep it free of calls."""
+        prompt = request.prompt_tokens
+        bs = request.block_size
+        default_rate = self.default_rate
+        chunk = self.chunk_tokens
+        fetch_per_block = self.tier_fetch_s_per_block
+        weight = self.recompute_weight
+        best = candidates[0]
+        best_score = math.inf
+        best_ttft = 0.0
+        best_uncached = prompt
+        get_match = matches.get
+        # without a local match every candidate has the same uncached count and tier fetch
+        cold_cached = tier * bs
+        cold_uncached = prompt - cold_cached if cold_cached < prompt else 0
+        cold_fetch = tier * fetch_per_block
+        for w in candidates:
+            wid = w.worker_id
+            local = get_match(wid, 0)
+            rate = w.prefill_tokens_per_s or default_rate
+            queued = w.queued_prefill_tokens
+            wait = queued / rate
+            if local:
+                cached = (local if local > tier else tier) * bs
+                uncached = prompt - cached if cached < prompt else 0
+                fetch = (tier - local) * fetch_per_block if tier > local else 0.0
+            else:
+                uncached = cold_uncached
+                fetch = cold_fetch
+            if fetch > wait:
+                wait = fetch
+            ttft = wait + uncached / rate + -(-(queued + uncached) // chunk) * w.decode_step_s
+            scores[wid] = ttft
+            score = ttft + weight * uncached / rate
+            if score < best_score or (score == best_score and self._tie(w) < self._tie(best)):
+                best, best_score, best_ttft, best_uncached = w, score, ttft, uncached
+        return best, best_ttft, best_uncached
+
+    @staticmethod
+    def _tie(w: WorkerState) -> tuple[float, int]:
+        return (-(w.free_blocks / w.total_blocks if w.total_blocks else 1.0), w.inflight)
 
     def _claim(self, w: WorkerState, hashes: list[int]) -> None:
         """Tell the index ``w`` is about to hold these blocks, before its KV events say so.
@@ -171,17 +209,7 @@ class CostPolicy:
         tier = self.index.tier_match(hashes) if hashes else 0
         scores: dict[str, float] = {}
 
-        best_local: tuple[float, float, int] | None = None
-        local_w = pools.decode[0]
-        local_uncached = request.prompt_tokens
-        for w in pools.decode:
-            ttft, uncached, score = self._estimate(w, request, matches.get(w.worker_id, 0), tier)
-            scores[w.worker_id] = ttft
-            free = w.free_blocks / w.total_blocks if w.total_blocks else 1.0
-            key = (score, -free, w.inflight)
-            if best_local is None or key < best_local:
-                best_local, local_w, local_uncached = key, w, uncached
-        local_ttft = scores[local_w.worker_id]
+        local_w, local_ttft, local_uncached = self._best(pools.decode, request, matches, tier, scores)
 
         def aggregated(reason: str) -> RoutingDecision:
             self._claim(local_w, hashes)
@@ -198,16 +226,7 @@ class CostPolicy:
         if local_uncached < threshold:
             return aggregated(f"cost: {local_uncached} uncached tokens < threshold {threshold}")
 
-        best_remote: tuple[float, int] | None = None
-        remote_w = pools.prefill[0]
-        remote_uncached = request.prompt_tokens
-        for w in pools.prefill:
-            ttft, uncached, score = self._estimate(w, request, matches.get(w.worker_id, 0), tier)
-            scores[w.worker_id] = ttft
-            key = (score, w.inflight)
-            if best_remote is None or key < best_remote:
-                best_remote, remote_w, remote_uncached = key, w, uncached
-        remote_ttft = scores[remote_w.worker_id]
+        remote_w, remote_ttft, remote_uncached = self._best(pools.prefill, request, matches, tier, scores)
         if remote_ttft > self.saturation_ratio * max(local_ttft, 1e-3):
             return aggregated(f"cost: prefill pool saturated ({remote_ttft:.3f}s vs {local_ttft:.3f}s local)")
 

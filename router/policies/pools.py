@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from tusk.router.policies.base import NoWorkerAvailable, RoutingRequest, WorkerState
 
@@ -28,22 +29,37 @@ class Pools:
 
 def split_pools(workers: Sequence[WorkerState]) -> Pools:
     """Healthy workers by the phase they can run; raises when nobody can decode."""
-    prefill = [w for w in workers if w.healthy and w.role == Role.PREFILL]
-    decode = [w for w in workers if w.healthy and w.can_decode]
+    prefill_role = Role.PREFILL
+    prefill = [w for w in workers if w.healthy and w.role == prefill_role]
+    decode = [w for w in workers if w.healthy and w.role != prefill_role]
     if not decode:
         raise NoWorkerAvailable("no healthy worker can decode")
     return Pools(prefill=prefill, decode=decode)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finalizer: a cheap, well-spread 64-bit bijection."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+@lru_cache(maxsize=4096)
+def _digest(data: bytes) -> int:
+    """Stable 64-bit digest (BLAKE2b: Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 def rendezvous(key: bytes, candidates: Sequence[WorkerState]) -> WorkerState:
     """Highest-random-weight hashing: stable under worker churn (only keys of a departed
-    worker move) and needs no ring state. BLAKE2b because Python's hash() is salted."""
-
-    def weight(w: WorkerState) -> int:
-        digest = hashlib.blake2b(key + b"\0" + w.worker_id.encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little")
-
-    return max(candidates, key=weight)
+    worker move), needs no ring state, and every router replica agrees. Weight =
+    mix(digest(key) ^ digest(worker id)); worker digests are cached, so a pick costs one
+    BLAKE2b and one integer mix per candidate."""
+    k = _digest(key)
+    return max(candidates, key=lambda w: _mix64(k ^ _digest(w.worker_id.encode())))
 
 
 def least_loaded(candidates: Sequence[WorkerState]) -> WorkerState:

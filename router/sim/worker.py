@@ -100,15 +100,17 @@ class SimWorker:
         for h in hashes:
             if h not in cache:
                 break
-            cache.move_to_end(h)
             n += 1
+        for i in range(n - 1, -1, -1):  # tail first, so the prefix is the most recent
+            cache.move_to_end(hashes[i])
         return n
 
     def store(self, hashes: list[int]) -> None:
         """The blocks now hold KV: insert, evict LRU past capacity, emit KV events."""
         cache = self.cache
         stored: list[int] = []
-        for h in hashes:
+        # tail first, as engines release blocks: the prefix stays most recent and evicts last
+        for h in reversed(hashes):
             if h in cache:
                 cache.move_to_end(h)
             else:

@@ -34,7 +34,7 @@ def test_match_is_longest_consecutive_prefix_per_worker() -> None:
 
 
 def test_device_and_host_both_count_and_are_removed_independently() -> None:
-    idx = PrefixIndex()
+    idx = PrefixIndex(exact_match=True)
     idx.apply_event("a", "stored", "device", [1, 2])
     idx.apply_event("a", "stored", "host", [2, 3])
     assert idx.match([1, 2, 3]) == {"a": 3}
@@ -42,6 +42,8 @@ def test_device_and_host_both_count_and_are_removed_independently() -> None:
     assert idx.match([1, 2, 3]) == {"a": 3}
     idx.apply_event("a", "removed", "host", [2])
     assert idx.match([1, 2, 3]) == {"a": 1}
+    # the default search assumes prefix closure: this hole (2 gone, 3 kept) is overstated
+    assert idx.match_closed([1, 2, 3]) == {"a": 3}
     idx.apply_event("a", "cleared", "host", [])
     assert idx.match([1, 2, 3]) == {"a": 1}
     idx.apply_event("a", "cleared", "device", [])
@@ -79,12 +81,14 @@ def test_tier_match_and_tier_events() -> None:
 
 def test_approximate_mode_is_bounded_lru_per_worker() -> None:
     idx = PrefixIndex(max_blocks_per_worker=4)
-    idx.record_route("a", [1, 2, 3])
-    idx.record_route("a", [1, 9])  # touches 1, so 2 is now the oldest
+    idx.record_route("a", [1, 2, 3])  # inserted tail first: 3 is the oldest
+    idx.record_route("a", [1, 9])
     assert idx.match([1, 2, 3]) == {"a": 3}
-    idx.record_route("a", [7])  # 5 blocks > 4: evict LRU (2)
+    idx.record_route("a", [7])  # 5 blocks > 4: evict LRU, the old chain's tail (3)
     assert idx.worker_blocks("a") == 4
-    assert not idx.holds("a", 2)
+    assert not idx.holds("a", 3)
+    assert idx.match([1, 2, 3]) == {"a": 2}
+    idx.record_route("a", [8])  # next goes 2, still leaving a usable prefix
     assert idx.match([1, 2, 3]) == {"a": 1}
 
 
@@ -108,9 +112,9 @@ def test_remove_worker_clears_its_blocks_and_reuses_the_slot() -> None:
     assert idx.match([1, 2]) == {"b": 1, "c": 2}
 
 
-def test_agrees_with_brute_force_on_random_histories() -> None:
+def test_exact_mode_agrees_with_brute_force_even_with_holes() -> None:
     rng = random.Random(7)
-    idx = PrefixIndex()
+    idx = PrefixIndex(exact_match=True)
     held: dict[str, set[int]] = {f"w{i}": set() for i in range(70)}  # > 64: bitsets past one word
     chains = [[rng.getrandbits(64) for _ in range(12)] for _ in range(30)]
     for _ in range(3000):
@@ -126,3 +130,32 @@ def test_agrees_with_brute_force_on_random_histories() -> None:
             held[worker].difference_update(gone)
     for chain in chains:
         assert idx.match(chain) == reference_match(held, chain)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_both_modes_agree_with_brute_force_on_prefix_closed_histories(exact: bool) -> None:
+    """Engines evict chain tails first, so workers hold prefixes of chains; there the
+    bisection search must be exact too."""
+    rng = random.Random(11)
+    idx = PrefixIndex(exact_match=exact)
+    held: dict[str, set[int]] = {f"w{i}": set() for i in range(70)}
+    depth: dict[tuple[str, int], int] = {}
+    chains = [[rng.getrandbits(64) for _ in range(40)] for _ in range(25)]
+    for _ in range(3000):
+        worker = rng.choice(list(held))
+        c = rng.randrange(len(chains))
+        chain = chains[c]
+        have = depth.get((worker, c), 0)
+        new = rng.randint(0, len(chain)) if rng.random() < 0.6 else rng.randint(0, have)
+        if new > have:
+            idx.apply_event(worker, "stored", "device", chain[have:new])
+        elif new < have:
+            idx.apply_event(worker, "removed", "device", chain[new:have])
+        depth[(worker, c)] = new
+        held[worker].difference_update(chain)
+        held[worker].update(chain[:new])
+    for chain in chains:
+        for cut in (1, 5, 17, 40):
+            probe = chain[:cut] + [rng.getrandbits(64)]
+            assert idx.match(probe) == reference_match(held, probe)
+            assert idx.match_exact(probe) == idx.match_closed(probe)
