@@ -37,7 +37,7 @@ import logging
 import math
 import threading
 import warnings
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -53,6 +53,7 @@ from tusk.kvtier.watch import TierEvictionWatcher
 log = logging.getLogger(__name__)
 
 _FORGOTTEN_MAX = 4096
+_MAX_TRACKED_REQUESTS = 4096
 _MAX_CHUNK_BLOCKS = 64
 LAYOUT = "L2NTHD"  # the engine's cache layout; one block is [layers, K/V, tokens, kv heads, dim]
 
@@ -133,7 +134,9 @@ class KVTransfer:
         self._loop = loop or asyncio.get_running_loop()
         self._gather, self._scatter = _kernels()
         self._lock = threading.Lock()
-        self._requests: dict[str, list[concurrent.futures.Future[int]]] = defaultdict(list)
+        # Saves per request until flushed or forgotten; bounded so that requests whose caller went
+        # away between finishing and flushing cannot grow it forever (oldest dropped first).
+        self._requests: OrderedDict[str, list[concurrent.futures.Future[int]]] = OrderedDict()
         self._forgotten: OrderedDict[str, None] = OrderedDict()
         self._saving: set[concurrent.futures.Future[int]] = set()
         self._snapshot_bytes = 0
@@ -238,7 +241,9 @@ class KVTransfer:
         with self._lock:
             self._saving.add(future)
             if request_id not in self._forgotten:
-                self._requests[request_id].append(future)
+                self._requests.setdefault(request_id, []).append(future)
+                while len(self._requests) > _MAX_TRACKED_REQUESTS:
+                    self._requests.popitem(last=False)
         future.add_done_callback(self._saved)
         return True
 

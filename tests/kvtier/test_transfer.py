@@ -150,3 +150,19 @@ async def test_save_argument_errors(kv_server):
         assert await transfer.load_prefix([], []) == 0
     finally:
         await transfer.close()
+
+
+async def test_tracked_requests_are_bounded(kv_server, monkeypatch):
+    import tusk.worker.kv_transfer as kv_transfer
+
+    monkeypatch.setattr(kv_transfer, "_MAX_TRACKED_REQUESTS", 2)
+    transfer = KVTransfer.from_config(config(kv_server.url), cache(torch.float32, seed=7), "m")
+    try:
+        hashes = block_hashes(list(range(3 * BS)), BS)
+        for i, rid in enumerate(["a", "b", "c"]):  # "a" never flushed by its caller
+            transfer.save_blocks(rid, [hashes[i]], [i])
+        assert await transfer.flush("a", timeout=5) == 0  # dropped from tracking, oldest first
+        assert await transfer.flush("b", timeout=5) == 1
+        assert await transfer.flush("c", timeout=5) == 1
+    finally:
+        await transfer.close()
