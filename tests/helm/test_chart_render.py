@@ -474,3 +474,12 @@ def test_notes_put_the_first_model_where_operator_and_router_both_look(tools):
     assert "WARNING: the router discovers workers only in elsewhere" in mismatch
     no_api = _notes(tools, "--values", str(VALUES_DIR / "servicemonitor.yaml"))
     assert "does not serve\nmonitoring.coreos.com/v1" in no_api
+
+
+def test_shared_tier_uses_the_operators_valkey_image(render):
+    from tusk.operator.spec import ManagedTier
+
+    container = one(render(SCENARIOS[1]), "Deployment", f"{RELEASE}-kv")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert container["image"].removeprefix("docker.io/") == ManagedTier().image
