@@ -141,6 +141,8 @@ class LLMEngine:
         self.last_step_s = 0.0
         self.prefill_tokens_per_s = 0.0
         self.decode_step_s = 0.0
+        # Replaced (never mutated) after every step, so other threads can read it safely.
+        self.last_stats: dict[str, float] = self.stats()
         log.info(
             "loaded %s (%s, %s on %s) in %.1fs; %d KV blocks of %d tokens",
             self.folder,
@@ -270,6 +272,7 @@ class LLMEngine:
             if self.scheduler.loading:
                 time.sleep(0.0005)  # waiting only on the KV tier: do not spin hot
             self._collect_events()
+            self.last_stats = self.stats()
             return outputs
 
         started = time.perf_counter()
@@ -310,6 +313,7 @@ class LLMEngine:
         if new_full and self.write_through:
             self._write_through(new_full)
         self._collect_events()
+        self.last_stats = self.stats()
         return outputs
 
     def _admit(self, seq: Sequence, first_token: int | None) -> None:
@@ -440,6 +444,7 @@ class LLMEngine:
         return [results[rid] for rid in ids]
 
     def stats(self) -> dict[str, float]:
+        """Queue and cache figures (step thread; other threads read ``last_stats``)."""
         s = self.scheduler
         return {
             "running": len(s.running),

@@ -131,7 +131,7 @@ class WorkerService(rpc.WorkerServicer):
 
     def _observe(self, _n: int) -> None:
         e, m = self.engine, self.metrics
-        stats = e.stats()
+        stats = e.last_stats
         counts = (
             e.num_steps,
             e.num_generated_tokens,
@@ -324,7 +324,7 @@ class WorkerService(rpc.WorkerServicer):
 
     async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadReport:
         e = self.engine
-        s = e.stats()
+        s = e.last_stats
         return pb.LoadReport(
             worker_id=self.worker_id,
             role=self.config.role.value,

@@ -185,3 +185,14 @@ def test_embedded_tiny_model_generates(tiny_model: Path) -> None:
     out = engine.generate([[100264, 882, 198, 9906]], SamplingParams(max_tokens=5, ignore_eos=True))
     assert len(out[0]) == 5 and all(0 <= t < 100352 for t in out[0])
     assert engine.spec.eos_token_ids == (100257, 100265)
+
+
+def test_hash_extra_keys_separate_cache_entries(llama_dir: Path) -> None:
+    engine = LLMEngine(llama_dir, EngineConfig(num_kv_blocks=64, block_size=4))
+    prompt = prompts(1, seed=12, lo=20, hi=21)[0]
+    engine.add_request("a", prompt, greedy(2), extra_keys=["adapter-1"])
+    run_all(engine)
+    engine.add_request("b", prompt, greedy(2), extra_keys=["adapter-2"])
+    assert run_all(engine)["b"][-1].cached_tokens == 0
+    engine.add_request("c", prompt, greedy(2), extra_keys=["adapter-1"])
+    assert run_all(engine)["c"][-1].cached_tokens == 16
