@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-NEG_INIT = -1.0e30
+NEG_INIT: tl.constexpr = tl.constexpr(-1.0e30)
 
 
 def interpreting() -> bool:
