@@ -9,6 +9,7 @@ proper HTTP error, and only failures after it become an SSE error event.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -29,6 +30,7 @@ from tusk.router.metrics import CONTENT_TYPE, RouterMetrics
 from tusk.router.registry import ModelRegistry, ModelRuntime
 from tusk.router.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from tusk.router.stops import StopMatcher
+from tusk.router.tokenizer import ModelTokenizer
 
 from tusk.config import RouterConfig
 from tusk.hashing import block_hashes
@@ -38,6 +40,7 @@ log = logging.getLogger("tusk.router.api")
 
 POLICY_HEADER = "x-tusk-policy"
 SESSION_HEADER = "x-tusk-session"
+INLINE_ENCODE_CHARS = 8192
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -135,7 +138,7 @@ class RouterAPI:
                 raise overloaded()
             self.inflight += 1
             admitted = True
-            prepared = self._prepare(request, raw, kind, rid)
+            prepared = await self._prepare(request, raw, kind, rid)
             model = prepared.runtime.name
             if prepared.body.stream:
                 response = await self._stream(prepared, rid, started, endpoint)
@@ -167,7 +170,7 @@ class RouterAPI:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _prepare(self, request: Request, raw: bytes, kind: str, rid: str) -> Prepared:
+    async def _prepare(self, request: Request, raw: bytes, kind: str, rid: str) -> Prepared:
         body: ChatCompletionRequest | CompletionRequest
         if kind == "chat":
             body = parse_body(ChatCompletionRequest, raw)
@@ -179,9 +182,9 @@ class RouterAPI:
         tok = runtime.tokenizer
         if isinstance(body, ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            prompt_ids = tok.encode(tok.render_chat(messages), add_special_tokens=False)
+            prompt_ids = await _encode(tok, tok.render_chat(messages), special=False)
         elif isinstance(body.prompt, str):
-            prompt_ids = tok.encode(body.prompt, add_special_tokens=True)
+            prompt_ids = await _encode(tok, body.prompt, special=True)
         else:
             prompt_ids = list(body.prompt)  # type: ignore[arg-type]
             vocab = tok.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -406,6 +409,10 @@ class RouterAPI:
             except APIError as exc:
                 status = exc.status
                 yield _sse(exc.body())
+            except Exception:  # a bug must still end the stream in a way clients understand
+                log.exception("stream failed")
+                status = 500
+                yield _sse(APIError(500, "Internal server error.", type="server_error").body())
             yield b"data: [DONE]\n\n"
             finished = True
             self._finish_metrics(prepared, endpoint, status, started)
@@ -444,6 +451,14 @@ class _handled(APIError):
         super().__init__(
             exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=exc.headers
         )
+
+
+async def _encode(tok: ModelTokenizer, text: str, *, special: bool) -> list[int]:
+    """Long prompts are encoded on a thread (``tokenizers`` releases the GIL), so a 100k-token
+    prompt does not stall every other stream for a few hundred milliseconds."""
+    if len(text) < INLINE_ENCODE_CHARS:
+        return tok.encode(text, add_special_tokens=special)
+    return await asyncio.to_thread(tok.encode, text, add_special_tokens=special)
 
 
 def _too_large(limit: int) -> APIError:

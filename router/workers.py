@@ -136,8 +136,20 @@ class WorkerClient:
         backoff = 0.2
         while not self._closed:
             try:
-                async for batch in self.stub.StreamKvEvents(pb.KvEventsRequest()):
+                # Each subscription starts with a snapshot (CLEARED + STORED), so after a gap in
+                # the sequence the cure is to subscribe again, not to guess what was lost.
+                last = 0
+                call = self.stub.StreamKvEvents(pb.KvEventsRequest())
+                async for batch in call:
                     backoff = 0.2
+                    if last and batch.sequence > last + 1:
+                        log.warning(
+                            "KV events lost; resubscribing",
+                            extra={"worker": self.address, "expected": last + 1, "got": batch.sequence},
+                        )
+                        call.cancel()
+                        break
+                    last = max(last, batch.sequence)
                     self._kv_events(self.worker_id, batch)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:

@@ -34,6 +34,7 @@ class FakeWorkerState:
     aborted_streams: int = 0
     kv_queue: asyncio.Queue[pb.KvEventBatch] = field(default_factory=asyncio.Queue)
     sequence: int = 0
+    subscriptions: int = 0
 
 
 class FakeWorker(rpc.WorkerServicer):
@@ -122,6 +123,7 @@ class FakeWorker(rpc.WorkerServicer):
         )
 
     async def StreamKvEvents(self, request, context):  # noqa: N802
+        self.s.subscriptions += 1
         while True:
             yield await self.s.kv_queue.get()
 

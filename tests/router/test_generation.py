@@ -140,3 +140,30 @@ def test_bytes_that_never_complete_a_character_are_flushed_at_the_end(harness) -
             if ln.startswith("data: {")
         ]
     assert "".join(pieces) == text
+
+
+def test_a_gap_in_kv_event_sequence_resubscribes(harness) -> None:
+    from tusk.protocol import pb
+
+    worker, endpoint = harness.worker()
+    router, _ = harness.router([endpoint], routing=RoutingConfig(policy="cache_aware", kv_events=True))
+    runtime = router.registry.get(MODEL)
+
+    def batch(seq: int, h: int) -> pb.KvEventBatch:
+        event = pb.KvEvent(kind=pb.KvEvent.KIND_STORED, medium=pb.KV_MEDIUM_DEVICE, block_hashes=[h])
+        return pb.KvEventBatch(worker_id="w0", sequence=seq, events=[event])
+
+    async def push(*batches: pb.KvEventBatch) -> None:
+        for b in batches:
+            worker.s.kv_queue.put_nowait(b)
+
+    deadline = time.monotonic() + 5
+    while worker.s.subscriptions < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    harness.run(push(batch(1, 111), batch(2, 222), batch(4, 444)))
+    while worker.s.subscriptions < 2:
+        assert time.monotonic() < deadline, "router never resubscribed after the gap"
+        time.sleep(0.02)
+    assert runtime.index.match([111]) == {"w0": 1} and runtime.index.match([222]) == {"w0": 1}
+    assert runtime.index.match([444]) == {}  # the batch after the gap was not trusted
