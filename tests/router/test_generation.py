@@ -167,3 +167,21 @@ def test_a_gap_in_kv_event_sequence_resubscribes(harness) -> None:
         time.sleep(0.02)
     assert runtime.index.match([111]) == {"w0": 1} and runtime.index.match([222]) == {"w0": 1}
     assert runtime.index.match([444]) == {}  # the batch after the gap was not trusted
+
+
+def test_every_policy_serves_aggregated_and_disaggregated(harness) -> None:
+    from tusk.router.policies import POLICY_NAMES
+
+    _, e_both = harness.worker()
+    _, e_prefill = harness.worker(role="prefill")
+    _, e_decode = harness.worker(role="decode")
+    _, agg = harness.router([e_both])
+    _, dis = harness.router([e_prefill, e_decode])
+    body = {"model": MODEL, "prompt": "policy check " * 10, "max_tokens": 4, "user": "u1"}
+    for policy in POLICY_NAMES:
+        for url in (agg, dis):
+            resp = httpx.post(f"{url}/v1/completions", json=body, headers={"x-tusk-policy": policy})
+            assert resp.status_code == 200, (policy, url, resp.text)
+            assert resp.json()["usage"]["completion_tokens"] == 4
+    decisions = httpx.get(f"{dis}/metrics").text
+    assert decisions.count("tusk_router_routing_decisions_total{") >= len(POLICY_NAMES)
