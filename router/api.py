@@ -206,7 +206,8 @@ class RouterAPI:
         policy = runtime.policy(request.headers.get(POLICY_HEADER))
         timeout = self.config.request_timeout_s
         gen_request = GenerationRequest(
-            request_id=rid,
+            # Clients may reuse their own ids; workers key state (and Cancel) on this one.
+            request_id=rid if rid.startswith("req-") else f"{rid}-{uuid.uuid4().hex[:8]}",
             prompt_ids=prompt_ids,
             block_hashes=block_hashes(prompt_ids, runtime.block_size),
             sampling=sampling,

@@ -62,10 +62,14 @@ def test_sync_streaming_completion_ends_with_done(two_worker_router) -> None:
 
 
 def test_request_id_header_is_honoured_or_made(two_worker_router) -> None:
-    _, _, url = two_worker_router
+    _, workers, url = two_worker_router
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
     mine = httpx.post(f"{url}/v1/completions", json=body, headers={"x-request-id": "abc-123"})
     assert mine.headers["x-request-id"] == "abc-123"
+    again = httpx.post(f"{url}/v1/completions", json=body, headers={"x-request-id": "abc-123"})
+    assert again.headers["x-request-id"] == "abc-123"
+    ids = [c.request_id for w in workers for c in w.s.generate_calls]
+    assert len(set(ids)) == 2 and all(i.startswith("abc-123-") for i in ids)  # unique on the workers
     made = httpx.post(f"{url}/v1/completions", json=body)
     assert made.headers["x-request-id"].startswith("req-")
     bad = httpx.post(
