@@ -72,9 +72,24 @@ def cluster_bench(trace: list, workers: int) -> dict[str, Any]:
     print(f"{'policy':<14}" + "".join(f"{c:>16}" for c in COLUMNS))
     for name, m in rows.items():
         print(f"{name:<14}" + "".join(f"{m[c]:>16.3f}" for c in COLUMNS))
+    heavier = scale * 1.5
+    rr_h = simulate(trace, "round_robin", workers, heavier)
+    cost_h = simulate(trace, "cost", workers, heavier)
+    print(
+        f"   at 1.5x that load ({heavier:.3f}): round robin p90 {rr_h['ttft_p90_s']:.3f}s "
+        f"({rr_h['ttft_p90_s'] / unloaded:.1f}x unloaded), cost p90 {cost_h['ttft_p90_s']:.3f}s, "
+        f"ratio {rr_h['ttft_p90_s'] / cost_h['ttft_p90_s']:.1f}x; cost hit rate {cost_h['prefix_hit_rate']:.3f}"
+    )
     return {
         "workers": workers,
         "load_scale": scale,
+        "heavier": {
+            "load_scale": heavier,
+            "rr_ttft_p90_s": rr_h["ttft_p90_s"],
+            "cost_ttft_p90_s": cost_h["ttft_p90_s"],
+            "rr_p90_over_cost_p90": rr_h["ttft_p90_s"] / cost_h["ttft_p90_s"],
+            "cost_hit_over_capacity_ideal": cost_h["prefix_hit_rate"] / cost_h["capacity_ideal_hit_rate"],
+        },
         "rr_unloaded_ttft_p90_s": unloaded,
         "ideal_hit_rate": cost["ideal_hit_rate"],
         "capacity_ideal_hit_rate": cost["capacity_ideal_hit_rate"],

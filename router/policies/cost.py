@@ -203,6 +203,9 @@ class CostPolicy:
             self.index.record_route(w.worker_id, hashes)
 
     def route(self, request: RoutingRequest, workers: list[WorkerState]) -> RoutingDecision:
+        """``decision.reason`` is one of a fixed set (it is a metrics label):
+        ``aggregated-cluster``, ``below-threshold``, ``prefill-saturated``, ``disaggregated``.
+        ``decision.scores`` holds each candidate's estimated TTFT in seconds."""
         pools = split_pools(workers)
         hashes = request.block_hashes
         matches = self.index.match(hashes) if hashes else {}
@@ -210,8 +213,16 @@ class CostPolicy:
         scores: dict[str, float] = {}
 
         local_w, local_ttft, local_uncached = self._best(pools.decode, request, matches, tier, scores)
-
-        def aggregated(reason: str) -> RoutingDecision:
+        reason = None
+        if not pools.disaggregated:
+            reason = "aggregated-cluster"
+        elif local_uncached < self.threshold_tokens:
+            reason = "below-threshold"
+        else:
+            remote_w, remote_ttft, remote_uncached = self._best(pools.prefill, request, matches, tier, scores)
+            if remote_ttft > self.saturation_ratio * max(local_ttft, 1e-3):
+                reason = "prefill-saturated"
+        if reason is not None:
             self._claim(local_w, hashes)
             return RoutingDecision(
                 decode=local_w,
@@ -219,16 +230,6 @@ class CostPolicy:
                 expected_cached_tokens=request.prompt_tokens - local_uncached,
                 scores=scores,
             )
-
-        if not pools.disaggregated:
-            return aggregated("cost: aggregated cluster")
-        threshold = self.threshold_tokens
-        if local_uncached < threshold:
-            return aggregated(f"cost: {local_uncached} uncached tokens < threshold {threshold}")
-
-        remote_w, remote_ttft, remote_uncached = self._best(pools.prefill, request, matches, tier, scores)
-        if remote_ttft > self.saturation_ratio * max(local_ttft, 1e-3):
-            return aggregated(f"cost: prefill pool saturated ({remote_ttft:.3f}s vs {local_ttft:.3f}s local)")
 
         max_running = max(w.running_requests for w in pools.decode)
 
@@ -242,7 +243,7 @@ class CostPolicy:
         return RoutingDecision(
             decode=decode,
             prefill=remote_w,
-            reason=f"cost: disaggregated ({local_uncached} uncached >= threshold {threshold})",
+            reason="disaggregated",
             expected_cached_tokens=request.prompt_tokens - remote_uncached,
             scores=scores,
         )

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from tusk.router.policies.base import NoWorkerAvailable, RoutingRequest, WorkerState
 
 from tusk.config import Role
 
 
-@dataclass
-class Pools:
+class Pools(NamedTuple):
     prefill: list[WorkerState]  # dedicated prefill workers (role=prefill), healthy
     decode: list[WorkerState]  # healthy workers that can decode (and so also prefill locally)
 

@@ -169,9 +169,10 @@ def test_cost_disaggregates_only_above_the_threshold() -> None:
     policy = make_policy("cost", PrefixIndex(), disaggregation_threshold_tokens=1000)
     small = policy.route(request([1], tokens=500), disagg_cluster())
     assert small.prefill is None and small.decode.worker_id == "d1"
+    assert small.reason == "below-threshold"
     big = policy.route(request(list(range(1, 200)), tokens=200 * BS), disagg_cluster())
     assert big.prefill is not None and big.prefill.role == Role.PREFILL
-    assert big.decode.worker_id == "d1"
+    assert big.decode.worker_id == "d1" and big.reason == "disaggregated"
 
 
 def test_cost_stays_local_when_prefill_pool_is_saturated() -> None:
@@ -180,7 +181,7 @@ def test_cost_stays_local_when_prefill_pool_is_saturated() -> None:
     for w in workers[:2]:
         w.queued_prefill_tokens = 10_000_000
     d = policy.route(request(list(range(1, 200)), tokens=200 * BS), workers)
-    assert d.prefill is None and "saturated" in d.reason
+    assert d.prefill is None and d.reason == "prefill-saturated"
 
 
 def test_cost_picks_decode_worker_by_free_blocks_and_load() -> None:
