@@ -250,3 +250,15 @@ async def test_tls_url_through_a_tls_terminating_proxy(kv_server, fp, tmp_path):
             assert await client.get_blocks([1]) == [None]
     finally:
         proxy.close()
+
+
+async def test_hit_and_miss_metrics(kv_server, fp):
+    block = as_block(random_block(torch.float32, TINY_BLOCK, 10), "float32")
+    async with KVTierClient(kv_server.url, fp) as client:
+        await client.put_blocks([1, 2], [block, block])
+        hits, absent = metric("tusk_kvtier_hits_total"), metric("tusk_kvtier_misses_total", reason="absent")
+        got_bytes = metric("tusk_kvtier_get_bytes_total")
+        await client.get_blocks([1, 2, 3])
+        assert metric("tusk_kvtier_hits_total") == hits + 2
+        assert metric("tusk_kvtier_misses_total", reason="absent") == absent + 1
+        assert metric("tusk_kvtier_get_bytes_total") > got_bytes + 2 * len(bytes(block.data))

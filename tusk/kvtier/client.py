@@ -203,16 +203,27 @@ class KVTierClient:
         return self._decode_all(hashes, results)
 
     def _decode_all(self, hashes: Sequence[int], results: list) -> list[BlockResult]:
-        return [self._decode(h, value) for h, value in zip(hashes, results, strict=True)]
+        decoded = [self._decode(h, value) for h, value in zip(hashes, results, strict=True)]
+        # Hits and bytes are counted once per batch: per-block counter updates cost as much as
+        # the checksum of a small block.
+        hits = [d for d in decoded if d is not None]
+        if hits:
+            metrics.TIER_HITS.inc(len(hits))
+        received = sum(len(v) for v in results if isinstance(v, bytes))
+        if received:
+            metrics.GET_BYTES.inc(received)
+        absent = sum(1 for v in results if v is None)
+        if absent:
+            metrics.TIER_MISSES.labels("absent").inc(absent)
+        return decoded
 
     def _decode(self, block_hash: int, value) -> BlockResult:
+        """One reply as a hit or None; misses other than absent keys are counted here."""
         if value is None:
-            metrics.TIER_MISSES.labels("absent").inc()
             return None
         if not isinstance(value, bytes):  # a server error for this command, e.g. WRONGTYPE
             metrics.TIER_MISSES.labels("error").inc()
             return None
-        metrics.GET_BYTES.inc(len(value))
         try:
             header, payload = decode_block(value)
         except CorruptBlock as exc:
@@ -233,7 +244,6 @@ class KVTierClient:
                 self.block_shape,
             )
             return None
-        metrics.TIER_HITS.inc()
         return header, payload
 
     async def contains(self, hashes: Sequence[int]) -> list[bool]:
