@@ -7,13 +7,13 @@ never raises to the caller. A short circuit breaker keeps a dead server from cos
 request a connect timeout; the next call after the breaker's pause reconnects on its own.
 
 Values are written as one buffer ``header | payload`` (``tusk.kvformat``). Writers that lay a
-block out that way from the start (``encode_value_into`` / ``BlockBuffer``) pay no copy at all:
-redis-py's asyncio packer hands a ``memoryview`` argument to the socket as its own chunk. Writers
-with a bare payload pay one concatenation, measured in ``bench/kvtier.py`` at well over 10 GB/s,
-which is cheaper than the alternative of ``SET header`` + ``APPEND payload`` (a second command
-and a server-side realloc, and a window where a reader sees a header without its payload).
-Reads are zero-copy from the reply: ``get_blocks`` returns memoryviews into the bytes redis-py
-parsed.
+block out that way from the start (``new_value_buffer`` + ``seal_value``, as the worker's
+snapshot does) add no copy: redis-py's asyncio packer hands the buffer to the transport as its
+own chunk. Writers with a bare payload (``put_blocks``) pay one concatenation per block. The
+alternative of ``SET header`` + ``APPEND payload`` was slower in ``bench/kvtier.py`` (a second
+command and a server-side realloc) and leaves a window where a reader sees a header without its
+payload. Reads are zero-copy from the reply: ``get_blocks`` returns memoryviews into the bytes
+redis-py parsed.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ class KVTierClient:
             metrics.TIER_MISSES.labels("error").inc(len(hashes))
             return [None] * len(hashes)
         if sum(len(v) for v in results if isinstance(v, bytes)) >= _THREAD_DECODE_BYTES:
-            # Checksumming megabytes takes milliseconds; zlib drops the GIL, so do it off the
+            # Checksumming megabytes takes milliseconds and drops the GIL, so do it off the
             # loop, which keeps reading other requests' replies meanwhile.
             return await asyncio.to_thread(self._decode_all, hashes, results)
         return self._decode_all(hashes, results)
