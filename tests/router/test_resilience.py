@@ -14,6 +14,13 @@ from conftest import MODEL, REPLY
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 
+def _wait(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)
+
+
 def test_worker_failing_before_first_token_is_retried_elsewhere(harness) -> None:
     bad, eb = harness.worker(fail_before_first=True)
     good, eg = harness.worker()
@@ -70,7 +77,7 @@ def test_no_ready_worker_is_503(harness) -> None:
 
 def test_full_queue_is_429_with_retry_after(harness) -> None:
     _, endpoint = harness.worker(token_delay_s=0.2)
-    _, url = harness.router([endpoint], max_queue=2)
+    router, url = harness.router([endpoint], max_queue=2)
     results: list[int] = []
 
     def slow() -> None:
@@ -83,7 +90,7 @@ def test_full_queue_is_429_with_retry_after(harness) -> None:
     threads = [threading.Thread(target=slow) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    _wait(lambda: router.api.inflight == 2)
     resp = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
     assert resp.status_code == 429
     assert resp.headers["retry-after"] == "1"
@@ -140,7 +147,7 @@ def test_graceful_shutdown_finishes_inflight_streams(harness) -> None:
 
     t = threading.Thread(target=stream)
     t.start()
-    time.sleep(0.3)  # the stream is running
+    _wait(lambda: router.api.inflight == 1)  # the stream is running
 
     async def sigterm() -> None:
         server.handle_exit(signal.SIGTERM, None)
