@@ -86,11 +86,21 @@ def write_kv_cache(
     v_cache.index_put_((blocks, offsets), v.to(v_cache.dtype))
 
 
-def _gather_sequences(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """[b, n_blocks] block ids -> [b, Hkv, n_blocks*bs, D] (one copy, strided view for SDPA)."""
+def _gather_sequences(
+    cache: torch.Tensor, tables: torch.Tensor, workspace: str | None = None
+) -> torch.Tensor:
+    """[b, n_blocks] block ids -> [b, Hkv, n_blocks*bs, D] (one copy, strided view for SDPA).
+
+    With a workspace name the copy lands in a reused per-thread buffer (CPU: no page faults).
+    """
     b, n_blocks = tables.shape
     _, block_size, heads, dim = cache.shape
-    flat = cache.index_select(0, tables.reshape(-1).long())
+    ids = tables.reshape(-1).long()
+    if workspace is None:
+        flat = cache.index_select(0, ids)
+    else:
+        target = _buffer(workspace, ids.numel() * block_size * heads * dim, cache.dtype, cache.device)
+        flat = torch.index_select(cache, 0, ids, out=target.view(ids.numel(), block_size, heads, dim))
     return flat.view(b, n_blocks * block_size, heads, dim).transpose(1, 2)
 
 
@@ -115,23 +125,11 @@ def _decode_group(
     q, k_cache, v_cache, tables, lens, scale, use_workspace: bool, masked: bool
 ) -> torch.Tensor:
     """Decode rows whose KV fits `tables` [b, n_blocks]: gather, then one SDPA call."""
-    b, n_blocks = tables.shape
-    _, block_size, kv_heads, dim = k_cache.shape
+    b = tables.shape[0]
+    kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
     q_heads = q.shape[1]
-    flat_ids = tables.reshape(-1).long()
-    if use_workspace:
-        shape = (b * n_blocks, block_size, kv_heads, dim)
-        numel = b * n_blocks * block_size * kv_heads * dim
-        keys = torch.index_select(
-            k_cache, 0, flat_ids, out=_buffer("k", numel, k_cache.dtype, k_cache.device).view(shape)
-        )
-        values = torch.index_select(
-            v_cache, 0, flat_ids, out=_buffer("v", numel, v_cache.dtype, v_cache.device).view(shape)
-        )
-    else:
-        keys, values = k_cache.index_select(0, flat_ids), v_cache.index_select(0, flat_ids)
-    keys = keys.view(b, n_blocks * block_size, kv_heads, dim).transpose(1, 2).to(q.dtype)
-    values = values.view(b, n_blocks * block_size, kv_heads, dim).transpose(1, 2).to(q.dtype)
+    keys = _gather_sequences(k_cache, tables, "k" if use_workspace else None).to(q.dtype)
+    values = _gather_sequences(v_cache, tables, "v" if use_workspace else None).to(q.dtype)
     mask = None
     if masked:
         positions = torch.arange(keys.shape[2], device=q.device)
@@ -211,8 +209,9 @@ def paged_prefill_attention(
             continue
         n_blocks = -(-context_len // block_size)
         tables = block_tables[b : b + 1, :n_blocks]
-        keys = _gather_sequences(k_cache, tables)[:, :, :context_len].to(q.dtype)
-        values = _gather_sequences(v_cache, tables)[:, :, :context_len].to(q.dtype)
+        on_cpu = q.device.type == "cpu"
+        keys = _gather_sequences(k_cache, tables, "k" if on_cpu else None)[:, :, :context_len].to(q.dtype)
+        values = _gather_sequences(v_cache, tables, "v" if on_cpu else None)[:, :, :context_len].to(q.dtype)
         seq_q = q[start:end].transpose(0, 1).unsqueeze(0)
         if q_len == context_len:
             attended = F.scaled_dot_product_attention(
@@ -239,4 +238,11 @@ def gather_kv_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.T
 
 
 def scatter_kv_blocks(blocks: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor) -> None:
-    kv_cache.index_copy_(2, block_ids.long(), blocks.permute(1, 2, 0, 3, 4, 5).to(kv_cache.dtype))
+    layers, two, n_blocks = kv_cache.shape[:3]
+    source = blocks.to(kv_cache.dtype)
+    if kv_cache.is_contiguous() and source.is_contiguous():
+        # mirror of gather: copy whole [L*2, X] rows along the block axis of a strided view
+        by_block = kv_cache.view(layers * two, n_blocks, -1).transpose(0, 1)
+        by_block.index_copy_(0, block_ids.long(), source.view(block_ids.shape[0], layers * two, -1))
+        return
+    kv_cache.index_copy_(2, block_ids.long(), source.permute(1, 2, 0, 3, 4, 5))
