@@ -18,6 +18,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 NEG_INIT: tl.constexpr = tl.constexpr(-1.0e30)
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 def interpreting() -> bool:
@@ -209,6 +210,7 @@ def paged_decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context = tl.load(lens_ptr + seq)
+    qk_scale = scale * LOG2E  # softmax in base 2: exp2 is the native instruction
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     heads = kv_head * group + g
@@ -253,11 +255,11 @@ def paged_decode_kernel(
         if COMPUTE_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         scores = tl.where(pmask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -303,7 +305,7 @@ def decode_reduce_kernel(
         other=0.0,
     )
     m_max = tl.max(m, axis=0)
-    weight = tl.exp(m - m_max)
+    weight = tl.exp2(m - m_max)  # partial maxima are in log2 units
     out = tl.sum(weight[:, None] * acc, axis=0) / tl.sum(weight * l, axis=0)
     tl.store(
         out_ptr + seq * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim
@@ -348,6 +350,7 @@ def paged_prefill_kernel(
     q_len = tl.load(cu_ptr + seq + 1).to(tl.int64) - q_start
     if tile * BLOCK_M < q_len:
         kv_head = head // group
+        qk_scale = scale * LOG2E
         context = tl.load(lens_ptr + seq).to(tl.int64)
         first_pos = context - q_len
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -396,12 +399,12 @@ def paged_prefill_kernel(
             if COMPUTE_F32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             visible = (pos[None, :] <= q_pos[:, None]) & pmask[None, :]
             scores = tl.where(visible, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
