@@ -287,6 +287,8 @@ class WorkerService(rpc.WorkerServicer):
             self._queues.pop(request_id, None)
             if not finished:
                 self.engine.abort(request_id)
+            if self.connector is not None:
+                self.connector.finish(request_id, keep=False)  # stop tracking its writes
         if out.finish_reason is FinishReason.ABORT or not out.new_token_ids:
             await context.abort(grpc.StatusCode.ABORTED, "prefill was cancelled")
         reason = pb.FINISH_REASON_UNSPECIFIED if out.finish_reason is None else _FINISH[out.finish_reason]
