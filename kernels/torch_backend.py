@@ -106,12 +106,16 @@ def _gather_sequences(
 
 # Gathered K (and V) per CPU decode chunk: small enough to stay in cache while SDPA reads it.
 CPU_DECODE_CHUNK_BYTES = 2 << 20
+# Larger gathers (long-context prefill) allocate per call instead of pinning memory per thread.
+WORKSPACE_MAX_BYTES = 128 << 20
 
 _workspace = threading.local()
 
 
 def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A per-thread scratch buffer reused across calls: no allocation (and page faults) per step."""
+    if numel * torch.empty(0, dtype=dtype).element_size() > WORKSPACE_MAX_BYTES:
+        return torch.empty(numel, dtype=dtype, device=device)  # too big to keep around
     buffers = _workspace.__dict__.setdefault("buffers", {})
     key = (name, dtype, device)
     buf = buffers.get(key)
