@@ -65,7 +65,9 @@ async def test_sentinel_url(sentinel, fp):
 
 
 async def test_cluster_url(fp):
-    server = start_server(maxmemory="64mb", extra_args=["--cluster-enabled", "yes"])
+    # An explicit bus port: the default (port + 10000) does not exist for ports above 55535.
+    bus = ["--cluster-port", str(free_port())]
+    server = start_server(maxmemory="64mb", extra_args=["--cluster-enabled", "yes", *bus])
     try:
         admin = redis.Redis(host=server.host, port=server.port)
         admin.execute_command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")

@@ -19,6 +19,7 @@ redis-py parsed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -170,12 +171,12 @@ class KVTierClient:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_s):
-                results = await pipe.execute(raise_on_error=False)
+                results = await pipe.execute(raise_on_error=False)  # resets the pipeline itself
         except _FAULTS as exc:
             self._fail(op, exc)
+            with contextlib.suppress(Exception):
+                await pipe.reset()  # a timeout may have cut in before execute's own cleanup
             return None
-        finally:
-            await pipe.reset()
         metrics.OP_SECONDS.labels(op).observe(time.perf_counter() - started)
         self._ok()
         return results
