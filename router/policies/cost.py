@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 
 from tusk.router.policies.base import RequestOutcome, RoutingDecision, RoutingRequest, WorkerState
-from tusk.router.policies.pools import split_pools
+from tusk.router.policies.pools import digest64, rendezvous_weight, split_pools
 from tusk.router.prefix_index import PrefixIndex
 
 
@@ -61,6 +61,16 @@ class _Ewma:
     def add(self, x: float) -> None:
         self.value += self.alpha * (x - self.value)
         self.samples += 1
+
+
+def _tie(w: WorkerState, request: RoutingRequest) -> tuple[float, int, int]:
+    """Order among equal scores (typically idle workers and a prompt nobody has cached): more
+    free KV, fewer in-flight, then the prompt's rendezvous-hash home. The last key spreads new
+    prefixes evenly over the cluster, so its total KV capacity acts as one cache, and sends a
+    prefix back to the same worker even after the index lost track of it."""
+    free = w.free_blocks / w.total_blocks if w.total_blocks else 1.0
+    key = request.block_hashes[0] if request.block_hashes else digest64(request.request_id.encode())
+    return (-free, w.inflight, -rendezvous_weight(key, w.worker_id))
 
 
 class CostPolicy:
@@ -184,13 +194,9 @@ class CostPolicy:
             ttft = wait + uncached / rate + -(-(queued + uncached) // chunk) * w.decode_step_s
             scores[wid] = ttft
             score = ttft + weight * uncached / rate
-            if score < best_score or (score == best_score and self._tie(w) < self._tie(best)):
+            if score < best_score or (score == best_score and _tie(w, request) < _tie(best, request)):
                 best, best_score, best_ttft, best_uncached = w, score, ttft, uncached
         return best, best_ttft, best_uncached
-
-    @staticmethod
-    def _tie(w: WorkerState) -> tuple[float, int]:
-        return (-(w.free_blocks / w.total_blocks if w.total_blocks else 1.0), w.inflight)
 
     def _claim(self, w: WorkerState, hashes: list[int]) -> None:
         """Tell the index ``w`` is about to hold these blocks, before its KV events say so.

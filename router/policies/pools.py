@@ -47,9 +47,14 @@ def _mix64(x: int) -> int:
 
 
 @lru_cache(maxsize=4096)
-def _digest(data: bytes) -> int:
+def digest64(data: bytes) -> int:
     """Stable 64-bit digest (BLAKE2b: Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def rendezvous_weight(key: int, worker_id: str) -> int:
+    """A worker's weight for a 64-bit key; the highest weight is the key's home."""
+    return _mix64((key & _MASK64) ^ digest64(worker_id.encode()))
 
 
 def rendezvous(key: bytes, candidates: Sequence[WorkerState]) -> WorkerState:
@@ -57,8 +62,8 @@ def rendezvous(key: bytes, candidates: Sequence[WorkerState]) -> WorkerState:
     worker move), needs no ring state, and every router replica agrees. Weight =
     mix(digest(key) ^ digest(worker id)); worker digests are cached, so a pick costs one
     BLAKE2b and one integer mix per candidate."""
-    k = _digest(key)
-    return max(candidates, key=lambda w: _mix64(k ^ _digest(w.worker_id.encode())))
+    k = digest64(key)
+    return max(candidates, key=lambda w: _mix64(k ^ digest64(w.worker_id.encode())))
 
 
 def least_loaded(candidates: Sequence[WorkerState]) -> WorkerState:

@@ -301,3 +301,14 @@ def test_failed_outcomes_do_not_train_the_threshold() -> None:
     for _ in range(100):
         policy.observe(bad)
     assert policy.threshold_tokens == before
+
+
+def test_cost_spreads_cold_prefixes_over_idle_workers_consistently() -> None:
+    """Equal estimates (idle cluster, nothing cached): the prompt's rendezvous home breaks the
+    tie, so new prefixes use every worker's cache and a prefix returns to the same worker."""
+    policy = make_policy("cost", PrefixIndex(), claim_routes=False)
+    workers = [worker(str(i)) for i in range(8)]
+    homes = {p: policy.route(request([p, p + 1000]), workers).decode.worker_id for p in range(1, 81)}
+    assert len(set(homes.values())) >= 6
+    for p, home in homes.items():
+        assert policy.route(request([p, 5000]), workers).decode.worker_id == home
