@@ -130,7 +130,6 @@ class LLMEngine:
         self._wakeup = threading.Event()
         self._live: set[str] = set()
         self._live_lock = threading.Lock()
-        self._seqs: dict[str, Sequence] = {}
         self._pending_outputs: list[RequestOutput] = []
         self._events: list[KvEventRecord] = []
         # Counters and recent rates for the load report and metrics.
@@ -282,12 +281,18 @@ class LLMEngine:
         self._note_step(len(batch), num_prefill, elapsed)
 
         new_full: list[tuple[Sequence, int, int]] = []  # (seq, block hash, block id)
-        for item, token in zip(batch, sampled, strict=True):
+        for item in batch:
             seq = item.seq
             before = seq.num_computed
             seq.num_computed += item.num_tokens
             self.num_prompt_tokens_computed += max(0, min(seq.num_computed, len(seq.prompt)) - before)
             self._register_full_blocks(seq, before, new_full)
+        if new_full and self.write_through:
+            # Before any sequence finishes below: its blocks are snapshotted while still its own.
+            self._write_through(new_full)
+
+        for item, token in zip(batch, sampled, strict=True):
+            seq = item.seq
             if token is None:
                 continue
             seq.tokens.append(token)
@@ -310,14 +315,11 @@ class LLMEngine:
                         cached_tokens=max(seq.num_cached_prompt, 0),
                     )
                 )
-        if new_full and self.write_through:
-            self._write_through(new_full)
         self._collect_events()
         self.last_stats = self.stats()
         return outputs
 
     def _admit(self, seq: Sequence, first_token: int | None) -> None:
-        self._seqs[seq.request_id] = seq
         if first_token is not None:
             seq.tokens.append(first_token)
             reason = self._stop_reason(seq, first_token)
@@ -369,7 +371,6 @@ class LLMEngine:
         reason = None if continues else reason or seq.finish_reason or FinishReason.ABORT
         with self._live_lock:
             self._live.discard(seq.request_id)
-        self._seqs.pop(seq.request_id, None)
         if self.connector is not None:
             self.connector.finish(seq.request_id, keep=seq.prefill_only and reason is not FinishReason.ABORT)
         prompt_hashes = seq.full_block_hashes(self.block_size)[: len(seq.prompt) // self.block_size]
