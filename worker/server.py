@@ -182,10 +182,7 @@ class WorkerService(rpc.WorkerServicer):
         if loop is None or loop.is_closed():
             return
         try:
-            if threading.get_ident() == getattr(loop, "_thread_id", None):
-                self._publish([message])
-            else:
-                loop.call_soon_threadsafe(self._publish, [message])
+            loop.call_soon_threadsafe(self._publish, [message])  # fine from the loop's thread too
         except RuntimeError:  # loop closed during shutdown
             pass
 

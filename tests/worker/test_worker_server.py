@@ -101,6 +101,8 @@ async def test_prefill_and_decode_on_two_servers_through_the_tier(llama_dir: Pat
     decode, d_stub, d_chan = await start(worker_config(llama_dir, Role.DECODE, kv_server.url))
     try:
         sp = greedy(9)
+        events = p_stub.StreamKvEvents(pb.KvEventsRequest())
+        await events.read()  # the snapshot
         first = await p_stub.Prefill(pb.PrefillRequest(request_id="r", prompt_token_ids=PROMPT, sampling=sp))
         assert list(first.block_hashes) == block_hashes(PROMPT, 4)
         assert first.blocks_in_tier == 6 and first.computed_tokens == 27
@@ -114,6 +116,16 @@ async def test_prefill_and_decode_on_two_servers_through_the_tier(llama_dir: Pat
         )
         assert [first.first_token, *rest] == hf_greedy(llama_dir, PROMPT, 9)
         assert messages[0].cached_tokens == 24  # all six full blocks came from the tier
+
+        # The prefill worker announced the blocks on its device and in the tier.
+        seen: dict[int, set[int]] = {pb.KV_MEDIUM_DEVICE: set(), pb.KV_MEDIUM_TIER: set()}
+        while not all(len(v) == 6 for v in seen.values()):
+            batch = await asyncio.wait_for(events.read(), 5)
+            for event in batch.events:
+                if event.kind == pb.KvEvent.KIND_STORED and event.medium in seen:
+                    seen[event.medium].update(event.block_hashes)
+        assert seen[pb.KV_MEDIUM_TIER] == set(first.block_hashes)
+        events.cancel()
     finally:
         await p_chan.close()
         await d_chan.close()
