@@ -60,11 +60,22 @@ class Router:
             StaticDiscovery(config, self.registry, self.metrics, self.options.poll_interval_s)
         ]
         if self.options.kubernetes:
+            namespace = self.options.namespace
             self.discoveries.append(
-                KubernetesDiscovery(
-                    self.registry, self.metrics, config.routing, namespace=self.options.namespace
-                )
+                KubernetesDiscovery(self.registry, self.metrics, config.routing, namespace=namespace)
             )
+            for route in config.models:  # routes with their own selector: pods not labelled by tusk
+                if route.kubernetes_selector:
+                    self.discoveries.append(
+                        KubernetesDiscovery(
+                            self.registry,
+                            self.metrics,
+                            config.routing,
+                            namespace=namespace,
+                            selector=route.kubernetes_selector,
+                            model=route.name,
+                        )
+                    )
         api = self.api
         routes = [
             Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),

@@ -55,11 +55,12 @@ def _camel(name: str) -> str:
     return head + "".join(p.title() for p in rest)
 
 
-def pod_endpoints(pod: Any) -> list[DiscoveredWorker]:
+def pod_endpoints(pod: Any, model: str | None = None) -> list[DiscoveredWorker]:
     """Endpoints a pod offers right now: none unless it is Running, Ready, not terminating,
-    has an IP and carries the worker labels."""
+    has an IP and carries the worker labels. With ``model`` (a config route's own
+    ``kubernetes_selector`` found the pod) the pod serves that model whatever its labels say."""
     labels = _get(pod, "metadata", "labels") or {}
-    if (
+    if model is None and (
         labels.get("app.kubernetes.io/name") != "tusk-worker"
         or labels.get("app.kubernetes.io/part-of") != "tusk"
     ):
@@ -88,6 +89,8 @@ def pod_endpoints(pod: Any) -> list[DiscoveredWorker]:
     names = [n.strip() for n in (annotations.get(SERVED_NAMES) or "").split(",") if n.strip()]
     if not names and labels.get(MODEL_LABEL):
         names = [labels[MODEL_LABEL]]
+    if model is not None:
+        names = [model]
     host = f"[{ip}]" if ":" in ip else ip
     return [DiscoveredWorker(model=n, address=f"{host}:{port}", role=role) for n in names]
 
@@ -144,6 +147,7 @@ class KubernetesDiscovery:
         selector: str = WORKER_SELECTOR,
         api_factory: Callable[[], Any] | None = None,
         watch_timeout_s: int = 60,
+        model: str | None = None,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
@@ -152,6 +156,7 @@ class KubernetesDiscovery:
         self.selector = selector
         self._api_factory = api_factory
         self.watch_timeout_s = watch_timeout_s
+        self.model = model  # set: every pod the selector finds serves this configured model
         self._pods: dict[str, list[DiscoveredWorker]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -218,7 +223,7 @@ class KubernetesDiscovery:
         """Apply one watch event (ADDED / MODIFIED / DELETED) on the event loop."""
         name = f"{_get(pod, 'metadata', 'namespace')}/{_get(pod, 'metadata', 'name')}"
         before = set(self._pods.get(name, []))
-        after = set() if kind == "DELETED" else set(pod_endpoints(pod))
+        after = set() if kind == "DELETED" else set(pod_endpoints(pod, self.model))
         self._pods[name] = list(after)
         if not after:
             self._pods.pop(name, None)

@@ -167,3 +167,10 @@ def test_watch_loop_against_an_emulated_api_server(harness) -> None:
     finally:
         harness.run(disc.stop(), timeout=30)
         harness.run(stack.aclose())
+
+
+def test_a_route_selector_claims_pods_without_the_tusk_labels() -> None:
+    plain = pod(labels={"app": "my-vllm-compatible-worker", "tusk.dev/role": "both"})
+    assert pod_endpoints(plain) == []
+    assert pod_endpoints(plain, model="mine") == [DiscoveredWorker("mine", "10.0.0.7:50051", Role.BOTH)]
+    assert pod_endpoints(pod(ready=False), model="mine") == []
