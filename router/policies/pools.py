@@ -33,7 +33,7 @@ def split_pools(workers: Sequence[WorkerState]) -> Pools:
     decode = [w for w in workers if w.healthy and w.role != prefill_role]
     if not decode:
         raise NoWorkerAvailable("no healthy worker can decode")
-    return Pools(prefill=prefill, decode=decode)
+    return Pools(prefill, decode)
 
 
 _MASK64 = (1 << 64) - 1
