@@ -262,3 +262,12 @@ async def test_hit_and_miss_metrics(kv_server, fp):
         assert metric("tusk_kvtier_hits_total") == hits + 2
         assert metric("tusk_kvtier_misses_total", reason="absent") == absent + 1
         assert metric("tusk_kvtier_get_bytes_total") > got_bytes + 2 * len(bytes(block.data))
+
+
+async def test_digest_only_client_answers_contains(kv_server, fp):
+    """The router knows a worker's fingerprint only as the digest from its Health reply."""
+    block = as_block(random_block(torch.float32, TINY_BLOCK, 11), "float32")
+    async with KVTierClient(kv_server.url, fp) as worker, KVTierClient(kv_server.url, fp.digest()) as router:
+        await worker.put_blocks([1], [block])
+        assert await router.contains([1, 2]) == [True, False]
+        assert (await router.get_blocks([1]))[0] is not None

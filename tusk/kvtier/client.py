@@ -89,12 +89,17 @@ def seal_value(buf: bytearray, dtype: str, shape: tuple[int, ...]) -> memoryview
 
 
 class KVTierClient:
-    """Batched, pipelined block I/O against one tier URL for one model fingerprint."""
+    """Batched, pipelined block I/O against one tier URL for one model fingerprint.
+
+    ``fingerprint`` may also be a fingerprint digest (the ``kv_fingerprint`` a worker reports in
+    Health), which is all the router needs to ask ``contains``; reads then check the value's own
+    header but cannot check its dtype against the model's.
+    """
 
     def __init__(
         self,
         url: str,
-        fingerprint: ModelFingerprint,
+        fingerprint: ModelFingerprint | str,
         *,
         timeout_s: float = 2.0,
         max_inflight_bytes: int = 256 << 20,
@@ -110,7 +115,8 @@ class KVTierClient:
         self.timeout_s = timeout_s
         self.max_inflight_bytes = max_inflight_bytes
         self.block_shape = tuple(block_shape) if block_shape is not None else None
-        self._fp = fingerprint.digest()
+        self._fp = fingerprint if isinstance(fingerprint, str) else fingerprint.digest()
+        self._dtype = None if isinstance(fingerprint, str) else fingerprint.dtype
         self._breaker_min_s = breaker_min_s
         self._breaker_max_s = breaker_max_s
         self._backoff_s = 0.0
@@ -121,7 +127,7 @@ class KVTierClient:
         self._redis = connect(url, timeout_s=timeout_s, max_connections=max_connections)
 
     @classmethod
-    def from_config(cls, config, fingerprint: ModelFingerprint, **kwargs) -> KVTierClient:
+    def from_config(cls, config, fingerprint: ModelFingerprint | str, **kwargs) -> KVTierClient:
         """Build from a ``tusk.config.KVTierConfig`` (its ``url`` must be set)."""
         if not config.url:
             raise ValueError("KV tier URL is not configured")
@@ -232,7 +238,7 @@ class KVTierClient:
             metrics.TIER_MISSES.labels("corrupt").inc()
             log.warning("corrupt KV block %s: %s", self.key(block_hash), exc)
             return None
-        if header.dtype != self.fingerprint.dtype or (
+        if (self._dtype is not None and header.dtype != self._dtype) or (
             self.block_shape is not None and header.shape != self.block_shape
         ):
             metrics.TIER_MISSES.labels("mismatch").inc()
@@ -241,7 +247,7 @@ class KVTierClient:
                 self.key(block_hash),
                 header.dtype,
                 header.shape,
-                self.fingerprint.dtype,
+                self._dtype,
                 self.block_shape,
             )
             return None

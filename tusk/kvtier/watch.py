@@ -40,7 +40,7 @@ class TierEvictionWatcher:
     def __init__(
         self,
         url: str,
-        fingerprint: ModelFingerprint,
+        fingerprint: ModelFingerprint | str,
         events: EventHub,
         *,
         timeout_s: float = 2.0,
@@ -48,7 +48,8 @@ class TierEvictionWatcher:
     ) -> None:
         self.url = url
         self.events = events
-        self._prefix = f"{KEY_PREFIX}:{fingerprint.digest()}:".encode()
+        digest = fingerprint if isinstance(fingerprint, str) else fingerprint.digest()
+        self._prefix = f"{KEY_PREFIX}:{digest}:".encode()
         self._timeout_s = timeout_s
         self._reconnect_s = reconnect_s
         self._task: asyncio.Task | None = None
