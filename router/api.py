@@ -144,7 +144,7 @@ class RouterAPI:
                 response = await self._stream(prepared, rid, started, endpoint)
                 admitted = False  # the stream releases its slot when it ends
                 return response
-            return await self._complete(prepared, rid, started, endpoint)
+            return await self._complete(request, prepared, rid, started, endpoint)
         except APIError as exc:
             if not isinstance(exc, _handled):
                 self.metrics.requests.labels(model, endpoint, str(exc.status)).inc()
@@ -309,18 +309,38 @@ class RouterAPI:
             },
         )
 
-    async def _complete(self, prepared: Prepared, rid: str, started: float, endpoint: str) -> Response:
+    async def _collect(self, prepared: Prepared) -> tuple[str, str | None]:
         parts: list[str] = []
         reason: str | None = None
-        try:
-            async for text, finish in self._text_events(prepared):
+        async with contextlib.aclosing(self._text_events(prepared)) as events:
+            async for text, finish in events:
                 parts.append(text)
                 reason = finish or reason
+        return "".join(parts), reason
+
+    async def _complete(
+        self, request: Request, prepared: Prepared, rid: str, started: float, endpoint: str
+    ) -> Response:
+        # Nothing reads the connection while a non-streamed answer is computed, so watch it: a
+        # client that hung up must not keep a worker busy until max_tokens.
+        collect = asyncio.ensure_future(self._collect(prepared))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not collect.done():
+            collect.cancel()  # closing the generation cancels the worker's request
+            with contextlib.suppress(asyncio.CancelledError, APIError):
+                await collect
+            self._finish_metrics(prepared, endpoint, 499, started)
+            return Response(status_code=499)
+        try:
+            text, reason = collect.result()
         except APIError as exc:
             self._finish_metrics(prepared, endpoint, exc.status, started)
             raise _handled(exc) from None
         self._finish_metrics(prepared, endpoint, 200, started)
-        text = "".join(parts)
         created = int(time.time())
         if prepared.kind == "chat":
             body = {
@@ -452,6 +472,12 @@ class _handled(APIError):
         super().__init__(
             exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=exc.headers
         )
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has closed the connection (the body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _encode(tok: ModelTokenizer, text: str, *, special: bool) -> list[int]:

@@ -159,3 +159,13 @@ def test_graceful_shutdown_finishes_inflight_streams(harness) -> None:
     assert router.api.draining
     with pytest.raises(httpx.HTTPError):  # no new connections after the drain started
         httpx.get(f"{url}/health", timeout=2)
+
+
+def test_client_giving_up_on_a_non_streamed_request_cancels_it(harness) -> None:
+    worker, endpoint = harness.worker(token_delay_s=0.05, script=harness.script("word " * 200))
+    router, url = harness.router([endpoint])
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x"}, timeout=0.5)
+    _wait(lambda: worker.s.cancels and worker.s.aborted_streams == 1)
+    assert worker.s.cancels == [worker.s.generate_calls[0].request_id]
+    _wait(lambda: router.api.inflight == 0)
