@@ -30,6 +30,8 @@ MODEL_LABEL = "tusk.dev/model"
 ROLE_LABEL = "tusk.dev/role"
 SERVED_NAMES = "tusk.dev/served-model-names"
 DEFAULT_GRPC_PORT = 50051
+# How long a departing worker's in-flight streams may run on (workers drain for 30 s by default).
+WORKER_DRAIN_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,7 @@ class KubernetesDiscovery:
         for gone in before - after:
             runtime = self.registry.models.get(gone.model)
             if runtime is not None:
-                asyncio.get_running_loop().create_task(runtime.remove_worker(gone.address))
+                asyncio.get_running_loop().create_task(runtime.remove_worker(gone.address, WORKER_DRAIN_S))
         for new in after - before:
             self._add(new)
 

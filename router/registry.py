@@ -7,6 +7,7 @@ without a router restart.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -64,6 +65,7 @@ class ModelRuntime:
         self.index = PrefixIndex()
         self.clients: dict[str, WorkerClient] = {}
         self._policies: dict[str, Policy] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self.default_policy = self.policy(routing.policy)
 
     def policy(self, name: str | None) -> Policy:
@@ -106,18 +108,27 @@ class ModelRuntime:
         log.info("worker added", extra={"model": self.name, "worker": address, "role": str(role)})
         return client
 
-    async def remove_worker(self, address: str) -> None:
+    async def remove_worker(self, address: str, grace_s: float | None = None) -> None:
+        """Stop routing to a worker at once; its in-flight calls get ``grace_s`` to finish
+        (a pod that starts terminating drains its streams; cutting them would fail clients)."""
         client = self.clients.pop(address, None)
         if client is None:
             return
         self.index.remove_worker(client.worker_id)
         self.metrics.forget_worker(self.name, address)
-        await client.close()
         log.info("worker removed", extra={"model": self.name, "worker": address})
+        if grace_s:
+            task = asyncio.get_running_loop().create_task(client.close(grace_s))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        else:
+            await client.close()
 
     async def close(self) -> None:
         for address in list(self.clients):
             await self.remove_worker(address)
+        for task in list(self._closing):
+            task.cancel()
 
     def _worker_changed(self, client: WorkerClient) -> None:
         if not client.state.healthy:

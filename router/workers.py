@@ -66,14 +66,16 @@ class WorkerClient:
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._poll_loop(), name=f"poll {self.address}"))
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float | None = None) -> None:
+        """Stop polling and close the channel; with ``grace_s``, calls still running (a
+        draining worker finishing its streams) get that long before they are cancelled."""
         self._closed = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self.channel.close(grace=None)
+        await self.channel.close(grace=grace_s)
 
     def mark_failed(self, reason: str) -> None:
         """Called by the request path when an RPC failed in a way that points at the worker."""

@@ -174,3 +174,44 @@ def test_a_route_selector_claims_pods_without_the_tusk_labels() -> None:
     assert pod_endpoints(plain) == []
     assert pod_endpoints(plain, model="mine") == [DiscoveredWorker("mine", "10.0.0.7:50051", Role.BOTH)]
     assert pod_endpoints(pod(ready=False), model="mine") == []
+
+
+def test_a_departing_pod_finishes_its_streams(harness) -> None:
+    """A terminating pod leaves the routing set at once, but its running stream completes."""
+    import threading
+
+    slow, endpoint = harness.worker(model="llama", tokenizer_dir=harness.tokenizer_dir, token_delay_s=0.02)
+    router, url = harness.router([], wait_ready=False)
+    disc = KubernetesDiscovery(router.registry, router.metrics, RoutingConfig(policy="round_robin"))
+    host, port = endpoint.address.split(":")
+
+    def event(kind, p):
+        async def apply():
+            disc.on_event(kind, p)
+
+        harness.run(apply())
+
+    event("ADDED", pod("a", ip=host, port=int(port)))
+    deadline = time.monotonic() + 10
+    while not ("llama" in router.registry.models and router.registry.get("llama").has_ready_worker()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    lines: list[str] = []
+
+    def stream() -> None:
+        body = {"model": "llama", "prompt": "x", "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=20) as r:
+            lines.extend(ln for ln in r.iter_lines() if ln)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    while not slow.s.generate_calls:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    event("MODIFIED", pod("a", ip=host, port=int(port), deleting=True))
+    while router.registry.get("llama").clients:  # no new requests go there
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert t.is_alive()  # ...while the running stream goes on
+    t.join(20)
+    assert lines[-1] == "data: [DONE]" and not any('"error"' in ln for ln in lines)
