@@ -180,7 +180,12 @@ def test_a_departing_pod_finishes_its_streams(harness) -> None:
     """A terminating pod leaves the routing set at once, but its running stream completes."""
     import threading
 
-    slow, endpoint = harness.worker(model="llama", tokenizer_dir=harness.tokenizer_dir, token_delay_s=0.02)
+    slow, endpoint = harness.worker(
+        model="llama",
+        tokenizer_dir=harness.tokenizer_dir,
+        token_delay_s=0.02,
+        script=harness.script("word " * 100),
+    )
     router, url = harness.router([], wait_ready=False)
     disc = KubernetesDiscovery(router.registry, router.metrics, RoutingConfig(policy="round_robin"))
     host, port = endpoint.address.split(":")
