@@ -169,6 +169,7 @@ def build_server(router: Router, drain_timeout: float = 30.0):  # type: ignore[n
     config = uvicorn.Config(
         router.app,
         log_level="warning",
+        log_config=None,  # keep our JSON handler on the root logger for uvicorn too
         access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=int(drain_timeout),
