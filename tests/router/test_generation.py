@@ -185,3 +185,25 @@ def test_every_policy_serves_aggregated_and_disaggregated(harness) -> None:
             assert resp.json()["usage"]["completion_tokens"] == 4
     decisions = httpx.get(f"{dis}/metrics").text
     assert decisions.count("tusk_router_routing_decisions_total{") >= len(POLICY_NAMES)
+
+
+def test_prefill_token_reaches_the_client_before_decode_answers(harness) -> None:
+    script = harness.script()
+    _, ep = harness.worker(role="prefill", script=script)
+    _, ed = harness.worker(role="decode", script=script, token_delay_s=2.0, chunk_size=len(script))
+    _, url = harness.router([ep, ed])
+    started = time.monotonic()
+    first_at = None
+    pieces = []
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True}
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                text = httpx.Response(200, content=line[6:]).json()["choices"][0]["text"]
+                if text and first_at is None:
+                    first_at = time.monotonic() - started
+                pieces.append(text)
+    total = time.monotonic() - started
+    assert "".join(pieces) == REPLY
+    assert first_at is not None and first_at < 1.5 and total >= 2.0  # streamed at once, not after decode
