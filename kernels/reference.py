@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
-from tusk.kernels.sampling_core import SamplingBatch, row_uniform
+from tusk.kernels.sampling_core import SamplingBatch, cdf_dtype, row_uniform
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -207,7 +207,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
             keep = torch.zeros_like(keep_sorted)
             keep[order] = keep_sorted
             probs = torch.where(keep, probs, torch.zeros_like(probs))
-        cdf = torch.cumsum(probs.double(), dim=0)
+        cdf = torch.cumsum(probs.to(cdf_dtype(probs.device)), dim=0)
         threshold = row_uniform(batch, row) * float(cdf[-1])
         index = int(
             torch.searchsorted(cdf, torch.tensor([threshold], dtype=cdf.dtype, device=cdf.device), right=True)

@@ -61,3 +61,8 @@ def row_uniform(batch: SamplingBatch, row: int) -> float:
 def reseed_process_generator(seed: int) -> None:
     """Make unseeded rows reproducible within a process (EngineConfig.seed)."""
     _process_generator.manual_seed(seed)
+
+
+def cdf_dtype(device: torch.device) -> torch.dtype:
+    """Precision of the sampling CDF: float64 where the device has it (MPS does not)."""
+    return torch.float32 if device.type == "mps" else torch.float64

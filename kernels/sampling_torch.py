@@ -10,7 +10,7 @@ vocabulary order as the reference, so a seeded row picks the same token on eithe
 from __future__ import annotations
 
 import torch
-from tusk.kernels.sampling_core import SamplingBatch, row_uniform
+from tusk.kernels.sampling_core import SamplingBatch, cdf_dtype, row_uniform
 
 TOP_P_CANDIDATES = 1024
 
@@ -32,7 +32,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     greedy_rows = greedy.tolist()
     uniforms = torch.tensor(
         [0.0 if greedy_rows[row] else row_uniform(batch, row) for row in range(n_rows)],
-        dtype=torch.float64,
+        dtype=cdf_dtype(device),
         device=device,
     )
     filtered = k_active | p_active
@@ -54,7 +54,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse CDF over (already filtered) probs in vocabulary order."""
-    cdf = torch.cumsum(probs.double(), dim=-1)
+    cdf = torch.cumsum(probs.to(cdf_dtype(probs.device)), dim=-1)
     position = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True)
     return position.flatten().clamp_(max=probs.shape[1] - 1)
 
