@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from tusk.router.auth import ApiKeys
 from tusk.router.dispatch import Generation, GenerationRequest
@@ -163,11 +163,14 @@ class RouterAPI:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError(499, "The client closed the connection.", code="client_closed") from None
         return b"".join(chunks)
 
     async def _prepare(self, request: Request, raw: bytes, kind: str, rid: str) -> Prepared:
