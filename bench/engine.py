@@ -11,6 +11,10 @@ Measured:
 * time to first token of a prompt whose first 90% is already cached, against the same-length
   prompt with nothing cached.
 
+The box these run on is shared, so throughput and decode figures are the best of two runs with
+the two sides alternating, and TTFT is the median of five pairs. Sequential transformers
+throughput is a per-request rate (the same at any concurrency), measured on four requests.
+
 Targets (issue 4): conc-32 >= 5x transformers sequential; single-stream decode no slower than
 transformers; cached-prefix TTFT <= 25% of uncached. Prints a table, then one JSON line last.
 
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     prompt_len, new_tokens = (32, 48) if quick else (64, 128)
     ttft_len = 512 if quick else 1024
-    reps = 2 if quick else 3
+    reps = 2
     torch.set_num_threads(args.threads)
 
     import transformers
@@ -162,26 +166,33 @@ def main(argv: list[str] | None = None) -> int:
     tusk_throughput(engine, warm, 4)
     hf_generate(hf, warm[:1], 4)
 
+    # The machine is shared and noisy: every figure is the best of `reps` runs, with the two
+    # sides alternating. Sequential transformers throughput is a per-request rate, the same at
+    # any concurrency, so it is measured once on 4 requests.
+    seq_prompts = prompts(4, prompt_len, seed=4)
+    hf_seq = max(hf_rate(hf, seq_prompts, new_tokens, batched=False) for _ in range(reps))
     rows: list[tuple[str, float, float, float]] = []
-    results: dict[str, float] = {}
+    results: dict[str, float] = {"hf_seq_tok_s": round(hf_seq, 1)}
     for conc in (1, 8, 32):
         batch = prompts(conc, prompt_len, seed=conc)
-        ours, out = tusk_throughput(engine, batch, new_tokens)
-        seq_batch = batch if conc <= 8 or not quick else batch[:8]  # sequential rate is per request
-        hf_seq = hf_rate(hf, seq_batch, new_tokens, batched=False)
-        hf_pad = hf_rate(hf, batch, new_tokens, batched=True) if conc > 1 else hf_seq
+        ours = hf_pad = 0.0
+        for _ in range(reps):
+            rate, out = tusk_throughput(engine, batch, new_tokens)
+            ours = max(ours, rate)
+            if conc > 1:
+                hf_pad = max(hf_pad, hf_rate(hf, batch, new_tokens, batched=True))
+        hf_pad = hf_pad or hf_seq
         rows.append((f"conc {conc}", ours, hf_seq, hf_pad))
         results[f"tusk_tok_s_c{conc}"] = round(ours, 1)
-        results[f"hf_seq_tok_s_c{conc}"] = round(hf_seq, 1)
         results[f"hf_batched_tok_s_c{conc}"] = round(hf_pad, 1)
         if conc == 1:
             assert out == [hf_generate(hf, batch, new_tokens)[0]], "greedy output differs from transformers"
 
     stream_prompt = prompts(1, prompt_len, seed=5)[0]
-    ours_step = statistics.median(
-        tusk_stream(engine, stream_prompt, new_tokens, f"s{i}")[1] for i in range(reps)
-    )
-    hf_step = statistics.median(hf_decode_step(hf, stream_prompt, new_tokens)[1] for _ in range(reps))
+    ours_step = hf_step = float("inf")
+    for i in range(reps):
+        ours_step = min(ours_step, tusk_stream(engine, stream_prompt, new_tokens, f"s{i}")[1])
+        hf_step = min(hf_step, hf_decode_step(hf, stream_prompt, new_tokens)[1])
 
     # TTFT: a fresh prompt vs one whose first 90% was served before (fresh prefixes each rep).
     cold, warm_ttft, hits = [], [], []
@@ -193,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         before = engine.stats()["cache_hit_tokens"]
         warm_ttft.append(tusk_stream(engine, variant, 2, f"warm{i}")[0])
         hits.append(engine.stats()["cache_hit_tokens"] - before)
-    ttft_cold, ttft_warm = statistics.median(cold), statistics.median(warm_ttft)
+    ttft_cold, ttft_warm = statistics.median(cold), statistics.median(warm_ttft)  # 5 pairs
 
     print(f"model: random Llama, {params / 1e6:.1f}M params, fp32, {torch.get_num_threads()} threads, CPU")
     print(f"prompt {prompt_len} tokens, {new_tokens} new tokens per request, greedy")
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         f"TTFT {ttft_len}-token prompt: uncached {ttft_cold * 1e3:.1f} ms, 90% cached {ttft_warm * 1e3:.1f} ms "
         f"({ttft_warm / ttft_cold:.0%}; {min(hits)}-{max(hits)} prompt tokens reused)"
     )
-    speedup32 = results["tusk_tok_s_c32"] / results["hf_seq_tok_s_c32"]
+    speedup32 = results["tusk_tok_s_c32"] / hf_seq
     summary = {
         "bench": "engine",
         "quick": quick,
