@@ -54,3 +54,15 @@ def test_bad_config_is_one_line_error(tmp_path) -> None:
         timeout=30,
     )
     assert proc.returncode == 1 and "tokenizer.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_file_json_or_yaml_and_flag_overrides(tmp_path) -> None:
+    from tusk.router.app import _parse_args, load_config
+
+    as_json = tmp_path / "router.json"
+    as_json.write_text('{"port": 9001, "max_queue": 7, "routing": {"policy": "least_request"}}')
+    as_yaml = tmp_path / "router.yaml"
+    as_yaml.write_text("port: 9002\napi_keys: [k1]\n")
+    cfg = load_config(_parse_args(["--config", str(as_json), "--port", "0", "--host", "0.0.0.0"]))
+    assert (cfg.port, cfg.host, cfg.max_queue, cfg.routing.policy) == (0, "0.0.0.0", 7, "least_request")
+    assert load_config(_parse_args(["--config", str(as_yaml)])).api_keys == ["k1"]
