@@ -153,3 +153,8 @@ def test_describe_lists_every_op_and_backend():
     triton_rows = {r["op"] for r in rows if r["backend"] == "triton"}
     assert triton_rows == set(GPU_OPS)
     assert all("cpu" in r["devices"] for r in rows if r["backend"] == "torch")
+
+
+def test_no_backend_for_the_dtype_is_a_clear_error():
+    with pytest.raises(K.UnsupportedBackendError, match=r"silu_and_mul.*torch: dtype torch.int64 not supported"):
+        K.silu_and_mul(torch.ones(2, 8, dtype=torch.int64))
