@@ -170,10 +170,15 @@ def throughput(quick: bool) -> list[dict]:
         for name, (dtype, shape) in SHAPES.items():
             block = math.prod(shape) * (4 if dtype == "float32" else 2)
             for batch in BATCHES:
-                target = (16 if quick else 64) * MIB
-                reps = max(3, min(2000 if not quick else 200, math.ceil(target / (block * batch))))
+                # Enough paired repetitions that a busy machine's noise averages out.
+                target = (32 if quick else 256) * MIB
+                reps = max(
+                    3 if quick else 10, min(200 if quick else 2000, math.ceil(target / (block * batch)))
+                )
                 if block * batch >= 256 * MIB:
-                    reps = 5  # 512 MiB per batch: fits maxmemory once; few reps bound the run time
+                    reps = (
+                        3 if quick else 5
+                    )  # 512 MiB per batch: fits maxmemory once; few reps bound the run time
                 rows.append(asyncio.run(bench_shape(server.url, name, dtype, shape, batch, reps)))
     finally:
         server.stop()
