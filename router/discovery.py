@@ -235,6 +235,9 @@ class KubernetesDiscovery:
                 asyncio.get_running_loop().create_task(runtime.remove_worker(gone.address, WORKER_DRAIN_S))
         for new in after - before:
             self._add(new)
+        for known in after & before:  # a model whose tokenizer fetch failed: try again
+            if known.model not in self.registry.models:
+                self._add(known)
 
     def _add(self, worker: DiscoveredWorker) -> None:
         runtime = self.registry.models.get(worker.model)

@@ -220,3 +220,29 @@ def test_a_departing_pod_finishes_its_streams(harness) -> None:
     assert t.is_alive()  # ...while the running stream goes on
     t.join(20)
     assert lines[-1] == "data: [DONE]" and not any('"error"' in ln for ln in lines)
+
+
+def test_a_failed_tokenizer_fetch_is_retried_on_the_next_event(harness) -> None:
+    worker, endpoint = harness.worker(model="late", tokenizer_dir=None)  # GetModelInfo has no files
+    router, _ = harness.router([], wait_ready=False)
+    disc = KubernetesDiscovery(router.registry, router.metrics, RoutingConfig(policy="round_robin"))
+    host, port = endpoint.address.split(":")
+    p = pod("a", ip=host, port=int(port), names="late")
+
+    def event(kind):
+        async def apply():
+            disc.on_event(kind, p)
+
+        harness.run(apply())
+
+    event("ADDED")
+    deadline = time.monotonic() + 10
+    while disc._pending:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert "late" not in router.registry.models  # no tokenizer, no model
+    worker.s.tokenizer_dir = harness.tokenizer_dir
+    event("MODIFIED")
+    while "late" not in router.registry.models:
+        assert time.monotonic() < deadline, "the fetch was never retried"
+        time.sleep(0.02)
