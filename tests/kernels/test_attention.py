@@ -230,3 +230,39 @@ def test_torch_decode_cpu_chunking(monkeypatch, chunk_bytes):
     batch = paged_batch(lens, [1] * len(lens), 16, 2, 4, 64, torch.float32, seed=13)
     args = (batch.q, batch.k_cache, batch.v_cache, batch.context_lens, batch.block_tables, 0.125)
     assert_close(torch_backend.paged_decode_attention(*args), R.paged_decode_attention(*args))
+
+
+def test_layer_flow_with_views_from_a_fused_qkv_projection(backend, device):
+    """The worker splits one qkv projection: q, k, v are strided views, never contiguous copies."""
+    gen = torch.Generator().manual_seed(21)
+    heads, kv_heads, dim, tokens, block_size = 4, 2, 64, 19, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(device)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = (
+        q.reshape(tokens, heads, dim),
+        k.reshape(tokens, kv_heads, dim),
+        v.reshape(tokens, kv_heads, dim),
+    )
+    assert not q.is_contiguous() and not v.is_contiguous()
+    cache = K.rope_cos_sin_cache(dim, 64, 10000.0, None, torch.float32, device)
+    positions = torch.arange(tokens, device=device)
+    tables = torch.tensor([[3, 1]], dtype=torch.int32, device=device)
+    slots = torch.tensor(
+        [int(tables[0, p // block_size]) * block_size + p % block_size for p in range(tokens)], device=device
+    )
+    cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+    lens = torch.tensor([tokens], dtype=torch.int32, device=device)
+
+    def layer(run_backend: str):
+        K.force_backend(run_backend)
+        kv_cache = torch.zeros(1, 2, 4, block_size, kv_heads, dim, device=device)
+        q_rot, k_rot = K.apply_rotary(q, k, positions, cache)
+        K.write_kv_cache(k_rot, v, kv_cache[0, 0], kv_cache[0, 1], slots)
+        prefill = K.paged_prefill_attention(
+            q_rot, kv_cache[0, 0], kv_cache[0, 1], cu, lens, tables, dim**-0.5
+        )
+        decode = K.paged_decode_attention(q_rot[-1:], kv_cache[0, 0], kv_cache[0, 1], lens, tables, dim**-0.5)
+        return q_rot, kv_cache, prefill, decode
+
+    for got, want in zip(layer(backend), layer("reference"), strict=True):
+        assert_close(got, want)

@@ -156,5 +156,7 @@ def test_describe_lists_every_op_and_backend():
 
 
 def test_no_backend_for_the_dtype_is_a_clear_error():
-    with pytest.raises(K.UnsupportedBackendError, match=r"silu_and_mul.*torch: dtype torch.int64 not supported"):
+    with pytest.raises(
+        K.UnsupportedBackendError, match=r"silu_and_mul.*torch: dtype torch.int64 not supported"
+    ):
         K.silu_and_mul(torch.ones(2, 8, dtype=torch.int64))
