@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPES, assert_close, paged_batch
+from kernelkit import DTYPES, assert_close, paged_batch
 from tusk.kernels import reference as R
 from tusk.kernels import triton_backend
 

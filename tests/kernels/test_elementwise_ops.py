@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, assert_close
+from kernelkit import DTYPES, assert_close
 from tusk.kernels import reference as R
 
 from tusk import kernels as K
