@@ -55,7 +55,8 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> ResolvedModel:
                 allow_patterns=["*.json", "*.safetensors", "tokenizer*"],
             )
         except Exception as exc:  # noqa: BLE001 - hub errors are many; report them in one line
-            raise ModelSourceError(f"cannot download {ref}: {type(exc).__name__}: {exc}") from None
+            reason = " ".join(str(exc).split())  # hub errors span lines; the CLI prints one
+            raise ModelSourceError(f"cannot download {ref}: {type(exc).__name__}: {reason}") from None
         return check_model_folder(Path(path), repo.split("/")[1])
     return check_model_folder(Path(ref).expanduser(), None)
 
