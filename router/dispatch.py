@@ -151,8 +151,8 @@ class Generation:
     async def _stream(self) -> AsyncIterator[list[int]]:
         first_token: int | None = None
         decode: WorkerState | None = None
+        self.attempts = 1  # tries started; each failure starts the next one
         while first_token is None:
-            self.attempts += 1
             decision = self._route()
             self.decision = decision
             if decision.prefill is None:
@@ -162,6 +162,7 @@ class Generation:
             try:
                 reply = await self._prefill(prefill_client, decision.prefill)
             except grpc.aio.AioRpcError as exc:
+                self.attempts += 1
                 self._raise_if_final(exc)
                 self._fail(prefill_client, exc)
                 continue
@@ -190,8 +191,8 @@ class Generation:
             raise timed_out(self.req.timeout_s) from None
         if code not in RETRYABLE:
             raise worker_failed(f"worker error {code.name}: {exc.details()}") from None
-        if self.attempts >= MAX_ATTEMPTS:
-            raise worker_failed(f"{self.attempts} workers failed; last error {code.name}: {exc.details()}")
+        if self.attempts > MAX_ATTEMPTS:
+            raise worker_failed(f"{MAX_ATTEMPTS} tries failed; last error {code.name}: {exc.details()}")
 
     async def _prefill(self, client: WorkerClient, state: WorkerState) -> pb.PrefillResponse:
         req = self.req
@@ -214,14 +215,18 @@ class Generation:
         return reply
 
     async def _decode(self, state: WorkerState, first_token: int | None) -> AsyncIterator[list[int]]:
-        """Generate on ``state``'s worker; before its first message, failures move to another."""
+        """Generate on ``state``'s worker. Before its first message, failures move to another
+        worker; after it, greedy requests migrate (see ``_migration``), others end in an error."""
         req = self.req
+        prompt = req.prompt_ids
+        sampling = req.sampling
+        migrated = False
         while True:
             client = self.runtime.client(state.address)
             message = pb.GenerateRequest(
                 request_id=req.request_id,
-                prompt_token_ids=req.prompt_ids,
-                sampling=req.sampling,
+                prompt_token_ids=prompt,
+                sampling=sampling,
                 deadline_unix_s=time.time() + self._remaining(),
             )
             if first_token is not None:
@@ -232,17 +237,19 @@ class Generation:
             call = client.stub.Generate(message, timeout=self._remaining())
             self._active = (client, call)
             received = False
+            emitted: list[int] = []
             try:
                 async for reply in call:
                     if not received:
                         received = True
-                        if first_token is None:
+                        if first_token is None and not migrated:
                             self.cached_tokens = reply.cached_tokens
                             self.prefill_s = time.perf_counter() - started
                     if reply.token_ids:
                         if self.ttft_s is None:
                             self.ttft_s = time.perf_counter() - self._started
                         self.completion_tokens += len(reply.token_ids)
+                        emitted += reply.token_ids
                         yield list(reply.token_ids)
                     if reply.finish_reason:
                         self.finish_reason = FINISH_REASONS.get(reply.finish_reason, "stop")
@@ -251,16 +258,24 @@ class Generation:
                 self.decode_s = time.perf_counter() - started
                 return
             except grpc.aio.AioRpcError as exc:
+                self.attempts += 1
                 if received:
                     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                         raise timed_out(self.req.timeout_s) from None
                     if exc.code() == grpc.StatusCode.UNAVAILABLE:
                         client.mark_failed(exc.details() or "unavailable")
-                    raise worker_failed(
-                        f"the worker failed mid-stream ({exc.code().name}: {exc.details()})"
-                    ) from None
-                self.attempts += 1
-                self._raise_if_final(exc)
+                    migration = self._migration(exc, prompt, sampling, first_token, emitted)
+                    if migration is None:
+                        raise worker_failed(
+                            f"the worker failed mid-stream ({exc.code().name}: {exc.details()})"
+                        ) from None
+                    prompt, sampling = migration
+                    first_token, migrated = None, True
+                    if sampling.max_tokens <= 0:
+                        self.finish_reason = "length"
+                        return
+                else:
+                    self._raise_if_final(exc)
                 self._fail(client, exc)
                 state = self._pick_decode()
                 if self.decision is not None:
@@ -268,6 +283,31 @@ class Generation:
             finally:
                 running.inflight -= 1
                 self._cancel_active()
+
+    def _migration(
+        self,
+        exc: grpc.aio.AioRpcError,
+        prompt: list[int],
+        sampling: pb.SamplingParams,
+        first_token: int | None,
+        emitted: list[int],
+    ) -> tuple[list[int], pb.SamplingParams] | None:
+        """How to continue a greedy request on another worker after its worker died mid-stream:
+        the prompt grows by every token already sent, the budget shrinks by as many. Greedy
+        decoding of that longer prompt yields exactly the tokens the dead worker would have sent
+        next, so the client sees one uninterrupted answer. Sampled requests cannot be continued
+        faithfully (their random stream is keyed by position), so they end in an error event."""
+        if sampling.temperature != 0 or exc.code() not in RETRYABLE or self.attempts > MAX_ATTEMPTS:
+            return None
+        done = ([first_token] if first_token is not None else []) + emitted
+        rest = pb.SamplingParams()
+        rest.CopyFrom(sampling)
+        rest.max_tokens = sampling.max_tokens - len(done)
+        log.warning(
+            "worker failed mid-stream; continuing the greedy request elsewhere",
+            extra={"request_id": self.req.request_id, "tokens_done": len(done)},
+        )
+        return list(prompt) + done, rest
 
     # -- cleanup and feedback --------------------------------------------------------------------
 

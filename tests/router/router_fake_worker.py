@@ -26,6 +26,7 @@ class FakeWorkerState:
     fail_before_first: bool = False  # abort every Generate/Prefill with UNAVAILABLE
     die_after_tokens: int | None = None  # stop the whole server after this many streamed tokens
     reject_longer_than: int | None = None  # INVALID_ARGUMENT for longer prompts
+    continue_script: bool = False  # a prompt ending in script[:k] continues at script[k] (greedy)
     serving: bool = True
     tokenizer_dir: Path | None = None
     generate_calls: list[pb.GenerateRequest] = field(default_factory=list)
@@ -68,6 +69,8 @@ class FakeWorker(rpc.WorkerServicer):
             if request.first_token != script[0]:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first_token does not match")
             start = 1
+        elif self.s.continue_script:
+            start = max((k for k in range(len(script) + 1) if k == 0 or prompt[-k:] == script[:k]), default=0)
         budget = request.sampling.max_tokens - start
         out = script[start : start + budget]
         sent = 0

@@ -169,3 +169,23 @@ def test_client_giving_up_on_a_non_streamed_request_cancels_it(harness) -> None:
     _wait(lambda: worker.s.cancels and worker.s.aborted_streams == 1)
     assert worker.s.cancels == [worker.s.generate_calls[0].request_id]
     _wait(lambda: router.api.inflight == 0)
+
+
+def test_greedy_request_continues_on_another_worker_after_a_mid_stream_crash(harness) -> None:
+    dying, ed = harness.worker(die_after_tokens=3, continue_script=True)
+    good, eg = harness.worker(continue_script=True)
+    _, url = harness.router([ed, eg])  # round robin sends the first request to `dying`
+    body = {**BODY, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    text, usage = "", None
+    for chunk in client.chat.completions.create(**body):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        usage = chunk.usage or usage
+    assert text == REPLY  # one uninterrupted answer
+    assert dying.s.generate_calls and len(good.s.generate_calls) == 1
+    moved = good.s.generate_calls[0]
+    original = list(dying.s.generate_calls[0].prompt_token_ids)
+    assert list(moved.prompt_token_ids) == original + dying.s.script[:3]
+    assert moved.sampling.max_tokens == dying.s.generate_calls[0].sampling.max_tokens - 3
+    assert usage.completion_tokens == len(good.s.script)
