@@ -102,14 +102,6 @@ async def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_
     )
 
 
-@kopf.on.cleanup()
-async def close(**_: Any) -> None:
-    global _runtime
-    if _runtime is not None:
-        await asyncio.to_thread(_runtime.kube.api.close)
-        _runtime = None
-
-
 def _owner(body: kopf.Body) -> Owner:
     meta = body["metadata"]
     return Owner(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation") or 1))
@@ -226,13 +218,24 @@ async def on_update(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **
     await reconcile(body, memo, logger, "update")
 
 
+async def _sleep_unless_stopped(stopped: kopf.DaemonStopped, seconds: float) -> None:
+    # Short naps instead of stopped.wait(timeout): that helper leaves a timer task behind when the
+    # daemon is cancelled at shutdown, which surfaced as a TimeoutError from the operator.
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not stopped:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(left, 1.0))
+
+
 @kopf.daemon(*RESOURCE, cancellation_timeout=5.0)
 async def resync(
     stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any
 ) -> None:
     """Drift repair and status refresh: children change without touching the ModelDeployment."""
     while not stopped:
-        await stopped.wait(runtime().options.resync_seconds)
+        await _sleep_unless_stopped(stopped, runtime().options.resync_seconds)
         if stopped:
             break
         try:
@@ -243,7 +246,7 @@ async def resync(
             logger.exception("resync failed")
 
 
-@kopf.on.delete(*RESOURCE)
+@kopf.on.delete(*RESOURCE, optional=True)  # the resync daemon already holds the finalizer
 async def on_delete(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Delete children explicitly: works without a garbage collector and reports what went."""
     rt = runtime()

@@ -123,6 +123,12 @@ class ModelDeploymentSpec(_Spec):
         return self
 
 
+_PATTERN_HELP = {
+    "model.source": "use tiny, hf://ORG/NAME[@REVISION], pvc://CLAIM[/SUBPATH], image://IMAGE or /absolute/path",
+    "kvTier.external.url": "use redis://, rediss://, valkey://, valkeys:// or unix://",
+}
+
+
 class InvalidSpec(ValueError):
     """A spec the operator cannot act on; the message is shown in the Degraded condition as is."""
 
@@ -140,5 +146,7 @@ def parse_spec(raw: dict[str, Any] | None) -> ModelDeploymentSpec:
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"])
             message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "string_pattern_mismatch":
+                message = f"{error['input']!r} is not valid: {_PATTERN_HELP.get(where, 'wrong format')}"
             problems.append(f"spec.{where}: {message}" if where else message)
         raise InvalidSpec("; ".join(problems)) from None

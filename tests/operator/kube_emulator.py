@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import copy
 import datetime
-import itertools
 import secrets
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import jsonpatch
@@ -27,10 +27,23 @@ STATUS_SUBRESOURCE = {("tusk.dev", "modeldeployments"), ("apps", "deployments")}
 
 
 class ClusterEmulator(kmock.KubernetesEmulator):
-    _versions = itertools.count(1000)
+    _last_version = 999
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.creations: list[tuple[Any, str | None, str | None]] = []
 
     def _next_version(self) -> str:
-        return str(next(self._versions))
+        self._last_version += 1
+        return str(self._last_version)
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        """A list carries the current resourceVersion, so a watch can continue from it."""
+        async with self._lock:
+            version = str(self._last_version)
+        result = await super()._serve_list(request)
+        result["metadata"]["resourceVersion"] = version
+        return result
 
     def _stamp_create(self, request: kmock.Request) -> None:
         if not isinstance(request.data, dict):
@@ -61,12 +74,14 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                     status=422, reason="Invalid", message=f"the patch failed: {exc}"
                 ) from None
         elif isinstance(patch, dict):
-            if status_only and request.subresource == "status":
-                patch = {k: v for k, v in patch.items() if k == "status"}
-            elif status_only:
-                patch = {k: v for k, v in patch.items() if k != "status"}
-            request.data.clear()
-            request.data.update(patch)
+            if status_only:
+                keep = (
+                    (lambda k: k == "status")
+                    if request.subresource == "status"
+                    else (lambda k: k != "status")
+                )
+                for key in [k for k in patch if not keep(k)]:
+                    del patch[key]
             updated = dicts.merge_patch_dict(current, patch)
         else:
             return
@@ -79,10 +94,50 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         else:
             request.data.setdefault("metadata", {}).update(stamp)
 
+    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
+        """Like the base class, but subscribes before the snapshot, so no write between them is lost.
+
+        The base class replays the stored objects first and subscribes to the event bus only
+        after the client read them; a patch made in that window (kopf adds its finalizer right
+        after the replay) never reached the watcher, and kopf then waited for a change forever.
+        """
+        yield b""
+        bus = self._buses[request.resource]
+        since = request.params.get("resourceVersion") or "0"
+        since_version = int(since) if since.isdigit() else 0
+        async with self._lock:
+            objects = [o for o in self._KubernetesEmulator__get_objs(request, strict=False) if not o.deleted]
+            # A watch from a list's version gets only what changed after it (no history is kept,
+            # so a change shows as the object's current state); a bare watch gets everything.
+            replay = [
+                {"type": "ADDED" if since_version == 0 else "MODIFIED", "object": o.raw}
+                for o in objects
+                if int(o.raw.get("metadata", {}).get("resourceVersion") or 0) > since_version
+            ]
+            marker = await bus.mark()
+        try:
+            for event in replay:
+                yield event
+            async for event in bus.stream(since=marker):
+                meta = event.get("object", {}).get("metadata", {})
+                if self._KubernetesEmulator__check(
+                    request, request.resource, meta.get("namespace"), meta.get("name"), strict=False
+                ):
+                    yield event
+        finally:
+            await bus.unmark(marker)
+
     async def _handle(self, request: kmock.Request) -> Any:
+        # kmock matches each request against its whole request log (quadratic: 100 objects took
+        # minutes); only recent requests can still be in flight, so the log is kept short and
+        # creations are recorded separately for the duplicate checks.
+        del self._requests[:-64]
         if request.resource is not None:
             if request.action == enums.action.CREATE:
                 self._stamp_create(request)
+                if isinstance(request.data, dict):
+                    meta = request.data.get("metadata", {})
+                    self.creations.append((request.resource, meta.get("namespace"), meta.get("name")))
             elif request.action == enums.action.UPDATE and request.name is not None:
                 async with self._lock:
                     self._stamp_update(request)

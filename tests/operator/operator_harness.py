@@ -133,15 +133,7 @@ class Cluster:
 
     def creations(self, resource: str) -> list[str]:
         """Names of every object created through the API (duplicates show double creation)."""
-        names = []
-        for request in self.emulator.requests:
-            if (
-                request.method == "POST"
-                and request.resource is not None
-                and _resource_name(request.resource) == resource
-            ):
-                names.append((request.data or {}).get("metadata", {}).get("name"))
-        return names
+        return [name for res, _, name in self.emulator.creations if _resource_name(res) == resource]
 
     def set_ready(self, deployment_name: str, namespace: str = "default") -> None:
         """Play the Deployment controller: every desired replica updated, ready and available."""
