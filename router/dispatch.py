@@ -131,7 +131,7 @@ class Generation:
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             client.mark_failed(exc.details() or "unavailable")
         log.warning(
-            "worker failed before the first token; trying another",
+            "worker failed; trying another",
             extra={"worker": client.address, "code": exc.code().name, "request_id": self.req.request_id},
         )
 

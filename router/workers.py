@@ -29,6 +29,8 @@ GRPC_OPTIONS = [
     ("grpc.enable_retries", 0),
 ]
 
+SLOW_POLLS_TO_FAIL = 3
+
 KvEventSink = Callable[[str, pb.KvEventBatch], None]
 
 
@@ -58,6 +60,7 @@ class WorkerClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._kv_started = False
+        self._slow_polls = 0
 
     @property
     def worker_id(self) -> str:
@@ -99,13 +102,22 @@ class WorkerClient:
         return reply.status == pb.HealthResponse.STATUS_SERVING
 
     async def poll_once(self) -> None:
-        """Refresh health and load; marks the worker unhealthy on any failure."""
+        """Refresh health and load. A refused connection or a NOT_SERVING/DRAINING answer marks
+        the worker unhealthy at once; slow answers only after ``SLOW_POLLS_TO_FAIL`` in a row,
+        since a CPU-bound worker in a long prefill can miss one deadline and still be fine."""
         try:
             serving = await self.check_health()
             report = (
                 await self.stub.GetLoad(pb.LoadRequest(), timeout=self.rpc_timeout_s) if serving else None
             )
+            self._slow_polls = 0
         except (TimeoutError, grpc.aio.AioRpcError) as exc:
+            slow = isinstance(exc, TimeoutError) or (
+                isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            )
+            self._slow_polls = self._slow_polls + 1 if slow else SLOW_POLLS_TO_FAIL
+            if self._slow_polls < SLOW_POLLS_TO_FAIL:
+                return
             if self.state.healthy:
                 log.warning("worker health check failed", extra={"worker": self.address, "error": str(exc)})
             serving, report = False, None

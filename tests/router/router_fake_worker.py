@@ -28,6 +28,7 @@ class FakeWorkerState:
     reject_longer_than: int | None = None  # INVALID_ARGUMENT for longer prompts
     continue_script: bool = False  # a prompt ending in script[:k] continues at script[k] (greedy)
     serving: bool = True
+    health_delay_s: float = 0.0
     tokenizer_dir: Path | None = None
     generate_calls: list[pb.GenerateRequest] = field(default_factory=list)
     prefill_calls: list[pb.PrefillRequest] = field(default_factory=list)
@@ -131,6 +132,8 @@ class FakeWorker(rpc.WorkerServicer):
             yield await self.s.kv_queue.get()
 
     async def Health(self, request, context):  # noqa: N802
+        if self.s.health_delay_s:
+            await asyncio.sleep(self.s.health_delay_s)
         status = pb.HealthResponse.STATUS_SERVING if self.s.serving else pb.HealthResponse.STATUS_NOT_SERVING
         return pb.HealthResponse(
             status=status,
