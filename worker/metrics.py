@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -59,6 +59,23 @@ class WorkerMetrics:
         self._requests.labels(*self._request_labels, reason).inc()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Start the /metrics HTTP server; returns its port (``port`` 0 picks a free one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Start the /metrics HTTP server; returns its port (``port`` 0 picks a free one).
+
+        It also exposes the process-wide default registry, where the KV tier client and the
+        kernels keep their metrics.
+        """
+        union = CollectorRegistry(auto_describe=False)
+        union.register(_Union(self.registry, REGISTRY))
+        server, _thread = start_http_server(port, addr=host, registry=union)
         return int(server.server_address[1])
+
+
+class _Union:
+    """A collector yielding every metric of several registries."""
+
+    def __init__(self, *registries: CollectorRegistry) -> None:
+        self.registries = registries
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        for registry in self.registries:
+            yield from registry.collect()
