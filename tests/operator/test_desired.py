@@ -1,0 +1,280 @@
+"""Desired-state builders over many specs; every object must pass kubernetes-validate --strict."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import kubernetes_validate
+import pytest
+from tusk.operator import desired
+from tusk.operator.apply import drift_patch, is_subset
+from tusk.operator.desired import Defaults, Owner, desired_children
+from tusk.operator.spec import InvalidSpec, parse_spec
+
+from tusk.config import ModelRoute, WorkerConfig
+
+K8S_VERSION = "1.33"
+OWNER = Owner("llama", "models", "0b0e4a4c-2a9f-4d55-9a49-3d2b51b0c2de", generation=3)
+
+SOURCES = [
+    {"source": "tiny"},
+    {"source": "hf://meta-llama/Llama-3.1-8B-Instruct@main", "tokenSecretRef": {"name": "hf"}},
+    {"source": "pvc://models/llama/8b"},
+    {"source": "image://registry.example/models/llama:8b", "imagePath": "/weights"},
+    {"source": "/opt/models/llama"},
+]
+ROLES = [
+    {},
+    {
+        "replicas": 3,
+        "accelerator": "nvidia",
+        "acceleratorsPerReplica": 2,
+        "resources": {"limits": {"memory": "64Gi"}},
+    },
+    {
+        "replicas": 1,
+        "accelerator": "amd",
+        "nodeSelector": {"pool": "mi300"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}],
+        "affinity": {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 1,
+                        "podAffinityTerm": {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": {"tusk.dev/model": "llama"}},
+                        },
+                    }
+                ]
+            }
+        },
+        "env": [{"name": "LOG_LEVEL", "value": "debug"}],
+        "image": "tusk:dev",
+    },
+    {"replicas": 2, "accelerator": "intel", "resources": {"requests": {"cpu": "4", "memory": "16Gi"}}},
+]
+TIERS = [
+    None,
+    {},
+    {"managed": {"replicas": 1, "memory": "4Gi", "maxmemoryPolicy": "allkeys-lfu"}},
+    {"managed": {"replicas": 0}},
+    {"external": {"url": "rediss://cache.example:6380/2", "secretRef": {"name": "redis"}}},
+]
+
+
+def _specs():
+    for source, prefill, decode, tier in itertools.product(SOURCES, ROLES, ROLES[:3], TIERS):
+        spec = {"model": source, "prefill": dict(prefill), "decode": {"replicas": 1, **decode}}
+        if tier is not None:
+            spec["kvTier"] = tier
+        yield spec
+
+
+# Every third combination: each source, role shape and tier still appears many times.
+ALL_SPECS = list(_specs())[::3]
+
+
+def test_many_specs_produce_valid_objects() -> None:
+    assert len(ALL_SPECS) >= 100
+    seen_kinds = set()
+    for raw in ALL_SPECS:
+        spec = parse_spec(raw)
+        children = desired_children(OWNER, spec, Defaults(worker_image="tusk:0.1"))
+        names = [(c["kind"], c["metadata"]["name"]) for c in children]
+        assert len(names) == len(set(names))
+        for child in children:
+            seen_kinds.add(child["kind"])
+            kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+            meta = child["metadata"]
+            assert meta["namespace"] == "models"
+            assert meta["ownerReferences"] == [OWNER.reference()]
+            for label in (
+                "app.kubernetes.io/part-of",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/managed-by",
+            ):
+                assert label in meta["labels"], (child["kind"], label)
+            assert meta["labels"]["tusk.dev/model"] == "llama"
+            assert "tusk.dev/role" in meta["labels"]
+    assert seen_kinds == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget"}
+
+
+def test_validator_rejects_unknown_fields() -> None:
+    bad = desired_children(OWNER, parse_spec({"model": {"source": "tiny"}}))[0] | {"bogus": 1}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def _by_name(children):
+    return {(c["kind"], c["metadata"]["name"]): c for c in children}
+
+
+def test_worker_pods_follow_the_label_contract_and_config() -> None:
+    spec = parse_spec(
+        {"model": {"source": "hf://org/m"}, "servedModelNames": ["chat", "m"], "prefill": {"replicas": 2}}
+    )
+    objs = _by_name(desired_children(OWNER, spec))
+    config = objs["ConfigMap", "llama-config"]["data"]
+    for role in ("prefill", "decode"):
+        deployment = objs["Deployment", f"llama-{role}"]
+        template = deployment["spec"]["template"]
+        labels = template["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "tusk-worker"
+        assert labels["tusk.dev/role"] == role
+        assert template["metadata"]["annotations"]["tusk.dev/served-model-names"] == "chat,m"
+        container = template["spec"]["containers"][0]
+        assert container["command"] == ["tusk", "worker", "--config", "/etc/tusk/worker.json"]
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50051, "metrics": 9090}
+        # The Deployment selector is a subset of the pod labels and never includes the role.
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert "tusk.dev/role" not in deployment["spec"]["selector"]["matchLabels"]
+        worker = WorkerConfig.model_validate_json(config[f"{role}.json"])
+        assert worker.role.value == role and worker.port == 50051 and worker.served_model_name == "chat"
+        assert worker.kv_tier.url == "redis://llama-kv.models.svc:6379/0"
+        service = objs["Service", f"llama-{role}"]
+        assert service["spec"]["clusterIP"] == "None"
+        assert [p["name"] for p in service["spec"]["ports"]] == ["grpc", "metrics"]
+    route = ModelRoute.model_validate_json(config["router.json"])
+    assert (
+        route.name == "chat"
+        and route.kubernetes_selector == "app.kubernetes.io/name=tusk-worker,tusk.dev/model=llama"
+    )
+
+
+def test_no_prefill_workers_means_decode_pods_do_both() -> None:
+    objs = _by_name(desired_children(OWNER, parse_spec({"model": {"source": "tiny"}})))
+    decode = objs["Deployment", "llama-decode"]
+    assert decode["spec"]["template"]["metadata"]["labels"]["tusk.dev/role"] == "both"
+    assert objs["Deployment", "llama-prefill"]["spec"]["replicas"] == 0
+    assert json.loads(objs["ConfigMap", "llama-config"]["data"]["decode.json"])["role"] == "both"
+
+
+def test_managed_tier_uses_shared_server_args() -> None:
+    from tusk.kvserver import server_args
+
+    spec = parse_spec(
+        {
+            "model": {"source": "tiny"},
+            "kvTier": {"managed": {"memory": "1Gi", "maxmemoryPolicy": "allkeys-lfu"}},
+        }
+    )
+    kv = _by_name(desired_children(OWNER, spec))["Deployment", "llama-kv"]
+    container = kv["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == [
+        "valkey-server",
+        *server_args(str(int(1024**3 * 0.8)), "allkeys-lfu", 6379),
+    ]
+    assert container["resources"]["limits"]["memory"] == "1Gi"
+    assert kv["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_external_tier_password_comes_from_secret_not_config() -> None:
+    spec = parse_spec(
+        {
+            "model": {"source": "tiny"},
+            "kvTier": {"external": {"url": "redis://cache:6379/0", "secretRef": {"name": "r"}}},
+        }
+    )
+    objs = _by_name(desired_children(OWNER, spec))
+    assert ("Deployment", "llama-kv") not in objs
+    env = objs["Deployment", "llama-decode"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    by_name = {e["name"]: e for e in env}
+    assert by_name["TUSK_KV_TIER_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "r", "key": "password"}
+    assert by_name["TUSK_KV_TIER_URL"]["value"] == "redis://:$(TUSK_KV_TIER_PASSWORD)@cache:6379/0"
+    assert "password" not in objs["ConfigMap", "llama-config"]["data"]["decode.json"].lower().replace(
+        "_password", ""
+    )
+
+
+def test_accelerators_map_to_resources_selectors_and_tolerations() -> None:
+    for accelerator, resource in (
+        ("nvidia", "nvidia.com/gpu"),
+        ("amd", "amd.com/gpu"),
+        ("intel", "gpu.intel.com/i915"),
+    ):
+        spec = parse_spec(
+            {
+                "model": {"source": "tiny"},
+                "decode": {"replicas": 1, "accelerator": accelerator, "acceleratorsPerReplica": 4},
+            }
+        )
+        pod = _by_name(desired_children(OWNER, spec))["Deployment", "llama-decode"]["spec"]["template"][
+            "spec"
+        ]
+        assert pod["containers"][0]["resources"]["limits"][resource] == 4
+        assert pod["nodeSelector"]
+        assert any(t["key"] == resource for t in pod["tolerations"])
+    cpu = parse_spec({"model": {"source": "tiny"}})
+    pod = _by_name(desired_children(OWNER, cpu))["Deployment", "llama-decode"]["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and "resources" not in pod["containers"][0]
+
+
+def test_model_change_changes_only_the_config_hash_and_rolls_safely() -> None:
+    a = _by_name(desired_children(OWNER, parse_spec({"model": {"source": "hf://org/m@v1"}})))
+    b = _by_name(desired_children(OWNER, parse_spec({"model": {"source": "hf://org/m@v2"}})))
+    key = ("Deployment", "llama-decode")
+    hash_a = a[key]["spec"]["template"]["metadata"]["annotations"]["tusk.dev/config-hash"]
+    hash_b = b[key]["spec"]["template"]["metadata"]["annotations"]["tusk.dev/config-hash"]
+    assert hash_a != hash_b
+    assert b[key]["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+
+
+def test_model_sources_resolve_inside_the_container() -> None:
+    cases = {
+        "tiny": "tiny",
+        "hf://org/m": "hf://org/m",
+        "pvc://weights/llama/8b": "/models/llama/8b",
+        "pvc://weights": "/models",
+        "image://reg/m:1": "/models",
+        "/opt/m": "/opt/m",
+    }
+    for source, path in cases.items():
+        assert desired.model_path(parse_spec({"model": {"source": source}})) == path
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"model": {"source": "ftp://x"}}, "spec.model.source: 'ftp://x' is not valid"),
+        ({"model": {"source": "tiny"}, "decode": {"replicas": 0}}, "decode.replicas must be at least 1"),
+        ({"model": {"source": "tiny"}, "prefill": {"replicas": -1}}, "prefill.replicas must be at least 0"),
+        (
+            {"model": {"source": "tiny"}, "kvTier": {"managed": {}, "external": {"url": "redis://x:1"}}},
+            "either external (url) or managed, not both",
+        ),
+        ({"model": {"source": "tiny", "tokenSecretRef": {"name": "x"}}}, "only used with hf://"),
+        ({"model": {"source": "tiny"}, "decode": {"accelerator": "tpu"}}, "spec.decode.accelerator"),
+        ({}, "spec.model: Field required"),
+    ],
+)
+def test_invalid_specs_have_readable_reasons(raw, message) -> None:
+    with pytest.raises(InvalidSpec) as info:
+        parse_spec(raw)
+    assert message in str(info.value)
+
+
+def test_drift_detection_ignores_server_defaults_and_repairs_changes() -> None:
+    spec = parse_spec({"model": {"source": "tiny"}, "decode": {"replicas": 1, "nodeSelector": {"a": "b"}}})
+    deployment = _by_name(desired_children(OWNER, spec))["Deployment", "llama-decode"]
+    live = json.loads(json.dumps(deployment))
+    live["status"] = {"replicas": 1}
+    live["metadata"]["labels"]["added-by-someone"] = "x"
+    live["spec"]["template"]["spec"]["containers"][0]["terminationMessagePath"] = "/dev/termination-log"
+    live["spec"]["template"]["spec"]["dnsPolicy"] = "ClusterFirst"
+    assert is_subset(deployment, live)
+    assert drift_patch(deployment, live) is None
+
+    live["spec"]["template"]["spec"]["nodeSelector"]["evil"] = "1"
+    patch = drift_patch(deployment, live)
+    assert patch["spec"]["template"]["spec"]["nodeSelector"] == {"a": "b", "evil": None}
+
+    unpinned = parse_spec({"model": {"source": "tiny"}})
+    patch = drift_patch(_by_name(desired_children(OWNER, unpinned))["Deployment", "llama-decode"], live)
+    assert patch["spec"]["template"]["spec"]["nodeSelector"] is None
+    # Quantities come back from the server as strings.
+    assert is_subset({"limits": {"nvidia.com/gpu": 1}}, {"limits": {"nvidia.com/gpu": "1"}})
