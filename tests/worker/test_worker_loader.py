@@ -156,3 +156,14 @@ def test_block_manager_refcounts_prefix_hits_and_lru_events() -> None:
     assert fresh is not None
     assert [(e.stored, e.block_hash) for e in bm.drain_events()] == [(False, 101)]
     assert bm.cached_prefix_len([100, 101]) == 1
+
+
+def test_mistral_sliding_window_caps_the_context(tmp_path: Path) -> None:
+    folder = save_model(tmp_path / "mistral-sw", "mistral", seed=6)
+    config = json.loads((folder / "config.json").read_text())
+    config["sliding_window"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    eng = LLMEngine(folder, EngineConfig(num_kv_blocks=16, block_size=8))
+    assert eng.max_model_len == 64  # within the window full attention is exact
+    with pytest.raises(loader.ModelLoadError, match="exceeds"):
+        LLMEngine(folder, EngineConfig(num_kv_blocks=16, block_size=8, max_model_len=128))

@@ -271,3 +271,23 @@ def test_bad_model_folder_exits_with_a_clear_message(tmp_path: Path) -> None:
     )
     assert result.returncode == 1 and "does not exist" in result.stderr
     assert result.stdout == "" and time.monotonic() - started < 120
+
+
+async def test_deadline_ends_the_request(llama_dir: Path) -> None:
+    worker, stub, channel = await start(worker_config(llama_dir))
+    engine = worker.service.engine
+    try:
+        request = pb.GenerateRequest(
+            prompt_token_ids=PROMPT, sampling=greedy(200), deadline_unix_s=time.time() + 0.2
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub.Generate(request))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(200):
+            if not engine.num_live:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.num_live == 0
+    finally:
+        await channel.close()
+        await worker.stop(drain_timeout=0)
