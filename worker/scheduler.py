@@ -62,6 +62,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.loading: list[_Loading] = []
+        self.watermark = max(1, blocks.num_blocks // 100)
         self.num_preemptions = 0
         self.cache_hit_tokens = 0
         self.cache_query_tokens = 0
@@ -155,7 +156,7 @@ class Scheduler:
                 if started is False:
                     continue  # went to the KV tier; look at the next one
             n = min(seq.num_uncomputed, budget)
-            if not self._grow(seq, seq.num_computed + n):
+            if not self._has_headroom(seq, n) or not self._grow(seq, seq.num_computed + n):
                 # Give the prefix back while queued (full blocks stay cached), so waiting
                 # sequences never hold memory that running ones need.
                 self._release(seq)
@@ -231,6 +232,14 @@ class Scheduler:
         # Loaded sequences go first: they hold blocks, and their prompt is mostly done.
         for seq in reversed(ready):
             self.waiting.appendleft(seq)
+
+    def _has_headroom(self, seq: Sequence, num_tokens: int) -> bool:
+        """Admit only if a few blocks stay free for running decodes to grow into (a watermark):
+        admitting into the last free blocks would just preempt someone on the next step."""
+        if not self.running:
+            return True
+        need = -(-(seq.num_computed + num_tokens) // self.block_size) - len(seq.block_table)
+        return self.blocks.num_free - need >= self.watermark
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         need = -(-num_tokens // self.block_size) - len(seq.block_table)
