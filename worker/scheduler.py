@@ -123,7 +123,10 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
             if not self._grow(seq, seq.num_computed + n):
-                # Free blocks by preempting the newest sequences, never an older one.
+                # Queued sequences (back from a tier load) give their blocks back first, then
+                # the newest running sequences are preempted, never an older one.
+                for queued in self.waiting:
+                    self._release(queued)
                 while not self._grow(seq, seq.num_computed + n) and self.running[-1] is not seq:
                     self._preempt(self.running.pop())
                     preempted = True
