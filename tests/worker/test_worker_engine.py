@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 from pathlib import Path
 
@@ -196,3 +197,51 @@ def test_hash_extra_keys_separate_cache_entries(llama_dir: Path) -> None:
     assert run_all(engine)["b"][-1].cached_tokens == 0
     engine.add_request("c", prompt, greedy(2), extra_keys=["adapter-1"])
     assert run_all(engine)["c"][-1].cached_tokens == 16
+
+
+class DeferredTier:
+    """A KvConnector whose loads finish only when the test says so (and load nothing)."""
+
+    def __init__(self) -> None:
+        self.loads: list[tuple[list[int], list[int], concurrent.futures.Future[int]]] = []
+
+    def load(self, block_hashes: list[int], block_ids: list[int]) -> concurrent.futures.Future[int]:
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self.loads.append((block_hashes, block_ids, future))
+        return future
+
+    def save(self, request_id: str, block_hashes: list[int], block_ids: list[int]) -> None:
+        pass
+
+    def finish(self, request_id: str, keep: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_blocks_under_a_tier_load_stay_reserved_until_it_ends(llama_dir: Path) -> None:
+    tier = DeferredTier()
+    engine = LLMEngine(
+        llama_dir, EngineConfig(num_kv_blocks=32, block_size=4), connector_factory=lambda e: tier
+    )
+    prompt = prompts(1, seed=13, lo=18, hi=19)[0]  # 4 full blocks + 2 tokens
+    engine.add_request("r", prompt, greedy(4))
+    engine.step()
+    ((hashes, ids, future),) = tier.loads
+    assert len(hashes) == 4 and engine.blocks.num_free == 28
+    assert engine.abort("r")
+    assert engine.step()[0].finish_reason is FinishReason.ABORT
+    for _ in range(3):
+        engine.step()
+    assert engine.blocks.num_free == 28  # the tier may still write into them
+    future.set_result(0)
+    engine.step()
+    assert engine.blocks.num_free == 32
+
+    # A load that fails is a miss: the prompt is recomputed and the answer is still right.
+    engine.add_request("s", prompt, greedy(4))
+    engine.step()
+    tier.loads[-1][2].set_exception(ConnectionError("tier down"))
+    outs = run_all(engine)["s"]
+    assert [t for o in outs for t in o.new_token_ids] == hf_greedy(llama_dir, prompt, 4)
