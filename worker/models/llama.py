@@ -71,6 +71,8 @@ class LlamaModel:
                     down=take(p + "mlp.down_proj.weight"),
                 )
             )
+        self._views_of: torch.Tensor | None = None
+        self._views: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.norm = take("model.norm.weight")
         lm_head = weights.pop("lm_head.weight", None)
         self.lm_head = self.embed if spec.tie_word_embeddings or lm_head is None else lm_head
@@ -103,9 +105,10 @@ class LlamaModel:
         """Logits (float32) of the tokens at ``logits_indices``; KV of every token goes to the cache."""
         spec = self.spec
         t = input_ids.shape[0]
+        caches = self._layer_caches(kv_cache)
         hidden = F.embedding(input_ids, self.embed)
         residual: torch.Tensor | None = None
-        for index, layer in enumerate(self.layers):
+        for layer, (k_cache, v_cache) in zip(self.layers, caches, strict=True):
             if residual is None:
                 residual = hidden
                 x = K.rms_norm(hidden, layer.input_norm, spec.rms_norm_eps)
@@ -117,7 +120,6 @@ class LlamaModel:
             k = k.reshape(t, spec.num_kv_heads, spec.head_dim)
             v = v.reshape(t, spec.num_kv_heads, spec.head_dim)
             q, k = K.apply_rotary(q, k, positions, self.cos_sin, True)
-            k_cache, v_cache = kv_cache[index, 0], kv_cache[index, 1]
             K.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
             attn = self._attention(q, k_cache, v_cache, meta)
             hidden = F.linear(attn.reshape(t, self.q_size), layer.o)
@@ -129,6 +131,13 @@ class LlamaModel:
             residual = residual.index_select(0, logits_indices)
         x, _ = K.fused_add_rms_norm(hidden, residual, self.norm, spec.rms_norm_eps)
         return F.linear(x, self.lm_head).float()
+
+    def _layer_caches(self, kv_cache: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (k_cache, v_cache) views, made once per cache tensor rather than every step."""
+        if self._views_of is not kv_cache:
+            self._views = [(kv_cache[i, 0], kv_cache[i, 1]) for i in range(kv_cache.shape[0])]
+            self._views_of = kv_cache
+        return self._views
 
     def _attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
