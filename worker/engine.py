@@ -140,6 +140,8 @@ class LLMEngine:
         self.last_step_s = 0.0
         self.prefill_tokens_per_s = 0.0
         self.decode_step_s = 0.0
+        # Arrival-to-first-sampled-token times, drained by the server into a histogram.
+        self.recent_ttfts: collections.deque[float] = collections.deque(maxlen=4096)
         # Replaced (never mutated) after every step, so other threads can read it safely.
         self.last_stats: dict[str, float] = self.stats()
         log.info(
@@ -299,6 +301,7 @@ class LLMEngine:
             self.num_generated_tokens += 1
             if seq.first_token_time is None:
                 seq.first_token_time = time.monotonic()
+                self.recent_ttfts.append(seq.first_token_time - seq.arrival)
             reason = self._stop_reason(seq, token)
             if reason is not None or seq.prefill_only:
                 self.scheduler.finish(seq, reason or FinishReason.LENGTH)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -48,6 +49,13 @@ class WorkerMetrics:
             "Sequences per step",
             names,
             buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        ).labels(*values)
+        self.ttft_seconds = Histogram(
+            "tusk_worker_time_to_first_token_seconds",
+            "From arrival at the engine to the first token sampled here (queue + KV load + prefill)",
+            names,
+            buckets=_TTFT_BUCKETS,
             registry=self.registry,
         ).labels(*values)
         self.free_blocks = gauge("tusk_worker_kv_free_blocks", "KV blocks free or evictable")

@@ -125,9 +125,9 @@ class WorkerService(rpc.WorkerServicer):
                 time.sleep(0.1)
                 continue
             events = engine.drain_kv_events()
+            self._observe(len(outputs))  # before delivery: a client that saw a token sees its metrics
             if outputs or events:
                 self._loop.call_soon_threadsafe(self._deliver, outputs, events)
-            self._observe(len(outputs))
 
     def _observe(self, _n: int) -> None:
         e, m = self.engine, self.metrics
@@ -148,6 +148,8 @@ class WorkerService(rpc.WorkerServicer):
         m.cache_hit_tokens.inc(counts[3] - last[3])
         m.cache_query_tokens.inc(counts[4] - last[4])
         self._last_counts = counts
+        while e.recent_ttfts:
+            m.ttft_seconds.observe(e.recent_ttfts.popleft())
         m.free_blocks.set(stats["free_blocks"])
         m.running.set(stats["running"])
         m.waiting.set(stats["waiting"])

@@ -91,6 +91,10 @@ async def test_generate_stream_health_load_and_model_info(llama_dir: Path, unuse
         )
         assert 'tusk_worker_generated_tokens_total{model="llama",role="both",worker_id="w-both"} 16.0' in body
         assert "tusk_worker_kv_free_blocks" in body and "tusk_worker_step_seconds_bucket" in body
+        assert (
+            'tusk_worker_time_to_first_token_seconds_count{model="llama",role="both",worker_id="w-both"} 2.0'
+            in body
+        )
         assert "tusk_kernel" in body  # process-wide metrics (kernels, KV tier) are served too
     finally:
         await channel.close()
