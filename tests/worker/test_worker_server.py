@@ -295,3 +295,37 @@ async def test_deadline_ends_the_request(llama_dir: Path) -> None:
     finally:
         await channel.close()
         await worker.stop(drain_timeout=0)
+
+
+async def test_many_concurrent_streams_with_cancellations(llama_dir: Path) -> None:
+    config = worker_config(llama_dir)
+    config.engine = EngineConfig(num_kv_blocks=96, block_size=4, max_num_batched_tokens=64)
+    worker, stub, channel = await start(config)
+    try:
+        prompts = [[(i * 31 + j * 7) % 250 + 3 for j in range(5 + i % 17)] for i in range(24)]
+
+        async def one(i: int) -> list[int] | None:
+            stream = stub.Generate(
+                pb.GenerateRequest(request_id=f"r{i}", prompt_token_ids=prompts[i], sampling=greedy(12))
+            )
+            if i % 6 == 5:
+                await stream.read()
+                stream.cancel()
+                return None
+            tokens, messages = await collect(stream)
+            assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            return tokens
+
+        results = await asyncio.gather(*(one(i) for i in range(24)))
+        for i, tokens in enumerate(results):
+            if tokens is not None:
+                assert tokens == hf_greedy(llama_dir, prompts[i], 12), i
+        engine = worker.service.engine
+        for _ in range(200):
+            if not engine.num_live:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.num_live == 0 and engine.blocks.num_free == engine.num_blocks
+    finally:
+        await channel.close()
+        await worker.stop(drain_timeout=0)
