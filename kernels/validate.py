@@ -43,6 +43,27 @@ def _host_values(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.numel() > 0
 
 
+# The model passes the same index tensors (positions, slots, lengths, block tables) to every
+# layer of a step. Remembering the value range of the last few tensors turns one reduction per
+# layer into one per step. The memo holds the tensor itself, so its id cannot be reused by a new
+# tensor while remembered, and keys on ``_version``, which every in-place write bumps, so a changed
+# tensor is never trusted on stale values.
+_RANGE_MEMO: dict[tuple[int, int], tuple[torch.Tensor, int, int]] = {}
+_RANGE_MEMO_SIZE = 64
+
+
+def _value_range(t: torch.Tensor) -> tuple[int, int]:
+    key = (id(t), t._version)
+    found = _RANGE_MEMO.get(key)
+    if found is not None and found[0] is t:
+        return found[1], found[2]
+    low, high = int(t.min()), int(t.max())
+    if len(_RANGE_MEMO) >= _RANGE_MEMO_SIZE:
+        _RANGE_MEMO.clear()
+    _RANGE_MEMO[key] = (t, low, high)
+    return low, high
+
+
 def rms_norm(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
     _ndim(op, "weight", weight, 1)
     if not (x.dim() >= 1 and x.shape[-1] == weight.shape[0]):
@@ -80,7 +101,7 @@ def apply_rotary(op: str, q, k, positions, cache) -> None:
             op, f"cos_sin_cache width {width} must be even and at most head_dim {q.shape[2]}"
         )
     if _host_values(positions):
-        low, high = int(positions.min()), int(positions.max())
+        low, high = _value_range(positions)
         if not (low >= 0 and high < cache.shape[0]):
             raise KernelInputError(op, f"positions must lie in [0, {cache.shape[0]}), got [{low}, {high}]")
 
@@ -110,11 +131,9 @@ def write_kv_cache(op: str, k, v, k_cache, v_cache, slot_mapping) -> None:
         )
     if _host_values(slot_mapping):
         capacity = k_cache.shape[0] * k_cache.shape[1]
-        if not (int(slot_mapping.max()) < capacity and int(slot_mapping.min()) >= -1):
-            raise KernelInputError(
-                op,
-                f"slots must be -1 or in [0, {capacity}), got [{int(slot_mapping.min())}, {int(slot_mapping.max())}]",
-            )
+        low, high = _value_range(slot_mapping)
+        if not (high < capacity and low >= -1):
+            raise KernelInputError(op, f"slots must be -1 or in [0, {capacity}), got [{low}, {high}]")
 
 
 def _attention_common(op, q, k_cache, v_cache, context_lens, block_tables) -> None:
@@ -133,8 +152,8 @@ def _attention_common(op, q, k_cache, v_cache, context_lens, block_tables) -> No
             op, f"block_tables has {block_tables.shape[0]} rows but context_lens has {context_lens.shape[0]}"
         )
     if _host_values(context_lens):
-        longest = int(context_lens.max())
-        if not (int(context_lens.min()) >= 0):
+        shortest, longest = _value_range(context_lens)
+        if not (shortest >= 0):
             raise KernelInputError(op, "context_lens must be >= 0")
         needed = -(-longest // k_cache.shape[1])
         if not (needed <= block_tables.shape[1]):
@@ -142,11 +161,8 @@ def _attention_common(op, q, k_cache, v_cache, context_lens, block_tables) -> No
                 op,
                 f"context length {longest} needs {needed} blocks but block_tables has {block_tables.shape[1]} columns",
             )
-        if block_tables.numel() and not (int(block_tables.max()) < k_cache.shape[0]):
-            raise KernelInputError(
-                op,
-                f"block_tables reference block {int(block_tables.max())} >= num blocks {k_cache.shape[0]}",
-            )
+        if block_tables.numel() and not ((top := _value_range(block_tables)[1]) < k_cache.shape[0]):
+            raise KernelInputError(op, f"block_tables reference block {top} >= num blocks {k_cache.shape[0]}")
 
 
 def paged_prefill_attention(op, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables) -> None:
@@ -176,7 +192,7 @@ def paged_decode_attention(op, q, k_cache, v_cache, context_lens, block_tables) 
         raise KernelInputError(
             op, f"q has {q.shape[0]} sequences but context_lens has {context_lens.shape[0]}"
         )
-    if _host_values(context_lens) and not (int(context_lens.min()) >= 1):
+    if _host_values(context_lens) and not (_value_range(context_lens)[0] >= 1):
         raise KernelInputError(op, "decode needs context_lens >= 1 (the token being decoded)")
 
 
@@ -205,10 +221,7 @@ def kv_blocks(
         _same_device(op, blocks, kv_cache, block_ids)
     else:
         _same_device(op, kv_cache, block_ids)
-    if _host_values(block_ids) and not (
-        int(block_ids.min()) >= 0 and int(block_ids.max()) < kv_cache.shape[2]
-    ):
-        raise KernelInputError(
-            op,
-            f"block_ids must lie in [0, {kv_cache.shape[2]}), got [{int(block_ids.min())}, {int(block_ids.max())}]",
-        )
+    if _host_values(block_ids):
+        low, high = _value_range(block_ids)
+        if not (low >= 0 and high < kv_cache.shape[2]):
+            raise KernelInputError(op, f"block_ids must lie in [0, {kv_cache.shape[2]}), got [{low}, {high}]")
