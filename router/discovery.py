@@ -119,7 +119,7 @@ class StaticDiscovery:
                 route.name,
                 tokenizer,
                 block_size=route.block_size,
-                routing=self.config.routing,
+                routing=route.routing or self.config.routing,
                 metrics=self.metrics,
                 max_model_len=route.max_model_len,
                 poll_interval_s=self.poll_interval_s,

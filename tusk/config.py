@@ -75,6 +75,14 @@ class WorkerEndpoint(_Strict):
     role: Role = Role.BOTH
 
 
+class RoutingConfig(_Strict):
+    policy: str = "cost"
+    disaggregation_threshold_tokens: int | None = Field(
+        None, ge=0, description="fixed override; None = tuned online"
+    )
+    kv_events: bool = True
+
+
 class ModelRoute(_Strict):
     """One model the router serves, and how to reach its workers."""
 
@@ -86,14 +94,9 @@ class ModelRoute(_Strict):
     kubernetes_selector: str | None = Field(
         None, description="label selector for pods/EndpointSlices when discovering in a cluster"
     )
-
-
-class RoutingConfig(_Strict):
-    policy: str = "cost"
-    disaggregation_threshold_tokens: int | None = Field(
-        None, ge=0, description="fixed override; None = tuned online"
+    routing: RoutingConfig | None = Field(
+        None, description="this model's routing; None = the router's default"
     )
-    kv_events: bool = True
 
 
 class RouterConfig(_Strict):

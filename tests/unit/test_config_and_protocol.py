@@ -46,3 +46,23 @@ def test_protocol_messages_are_generated():
     assert not req.HasField("first_token")
     assert hasattr(rpc, "WorkerStub") and hasattr(rpc, "add_WorkerServicer_to_server")
     assert pb.PrefillResponse(block_hashes=[2**64 - 1]).block_hashes[0] == 2**64 - 1
+
+
+async def test_routing_is_chosen_per_model(tiny_model):
+    from tusk.router.discovery import StaticDiscovery
+    from tusk.router.metrics import RouterMetrics
+    from tusk.router.registry import ModelRegistry
+
+    from tusk.config import RoutingConfig
+
+    config = RouterConfig(
+        models=[
+            ModelRoute(name="a", tokenizer=str(tiny_model)),
+            ModelRoute(name="b", tokenizer=str(tiny_model), routing=RoutingConfig(policy="round_robin")),
+        ],
+        routing=RoutingConfig(policy="cache_aware"),
+    )
+    registry = ModelRegistry()
+    await StaticDiscovery(config, registry, RouterMetrics()).start()
+    assert registry.get("a").default_policy.name == "cache_aware"
+    assert registry.get("b").default_policy.name == "round_robin"
