@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import sys
@@ -104,6 +105,16 @@ def _check_port_free(host: str, port: int) -> None:
             raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def cpu_threads_per_worker(workers: int) -> dict[str, str]:
+    """Split the CPU between worker processes: every torch process defaults to all cores, and
+    several of them on one machine spend more time contending than computing. A user's own
+    OMP_NUM_THREADS wins."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"OMP_NUM_THREADS": str(max(1, cores // max(1, workers)))}
+
+
 class LocalDeployment:
     """The children of one ``tusk serve`` run, started in dependency order."""
 
@@ -124,12 +135,12 @@ class LocalDeployment:
         self.kv_server = None
         self.url = ""
 
-    def _spawn(self, name: str, module: str, cfg_json: str, timeout: float) -> Child:
+    def _spawn(self, name: str, module: str, cfg_json: str, env: dict[str, str] | None = None) -> Child:
         child = Child(
             name,
             python_module_argv(module, "--config-json", cfg_json),
             self.log_dir / f"{name}.log",
-            child_env(),
+            child_env(**(env or {})),
         )
         self.children.append(child)
         child.start()
@@ -159,6 +170,7 @@ class LocalDeployment:
     def _start_workers(self, kv_url: str, timeout: float) -> list[WorkerEndpoint]:
         roles = [Role.PREFILL] * self.config.prefill
         roles += [Role.DECODE if self.config.prefill else Role.BOTH] * self.config.decode
+        threads = cpu_threads_per_worker(len(roles))
         pending = []
         for i, role in enumerate(roles):
             worker_id = f"{role.value}-{i}"
@@ -172,7 +184,7 @@ class LocalDeployment:
                 engine=self.config.engine,
                 kv_tier=KVTierConfig(url=kv_url),
             )
-            pending.append((role, self._spawn(worker_id, "tusk.worker", cfg.model_dump_json(), timeout)))
+            pending.append((role, self._spawn(worker_id, "tusk.worker", cfg.model_dump_json(), threads)))
         endpoints = []
         for role, child in pending:  # workers load in parallel; collect them in order
             info = child.wait_ready(timeout)
@@ -194,7 +206,7 @@ class LocalDeployment:
             routing=self.routing,
             kv_tier_url=kv_url,
         )
-        child = self._spawn("router", "tusk.router", cfg.model_dump_json(), timeout)
+        child = self._spawn("router", "tusk.router", cfg.model_dump_json())
         info = child.wait_ready(timeout)
         address = info.get("address", f"{self.config.host}:{self.config.port}")
         host, _, port = address.rpartition(":")
