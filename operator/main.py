@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     try:
+        peering = {} if args.standalone else {"peering_name": args.peering_name, "priority": args.priority}
         kopf.run(
             standalone=args.standalone,
-            peering_name=args.peering_name,
-            priority=args.priority,
+            **peering,
             liveness_endpoint=liveness,
             clusterwide=not args.namespace,
             namespaces=args.namespace,

@@ -9,6 +9,8 @@ patches test resourceVersion; ownerReferences need a uid), so this subclass adds
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import datetime
 import secrets
@@ -16,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp.web
 import jsonpatch
 import jsonpointer
 import kmock
@@ -93,6 +96,29 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 patch.append({"op": "add", "path": f"/metadata/{field}", "value": value})
         else:
             request.data.setdefault("metadata", {}).update(stamp)
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """Serve ``/api/v1/namespaces`` itself: kmock 0.8 cannot parse that path (kopf's namespace
+        observer lists and watches it in namespace-scoped mode)."""
+        if raw_request.path.rstrip("/") != "/api/v1/namespaces":
+            return await super().__call__(raw_request)
+        names = sorted({ns for (_, ns, _), obj in self.objects.items() if ns and not obj.deleted})
+        items = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in names]
+        if raw_request.query.get("watch") not in ("true", "1"):
+            body = {
+                "kind": "NamespaceList",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self._last_version)},
+            }
+            return aiohttp.web.json_response({**body, "items": items})
+        response = aiohttp.web.StreamResponse()
+        await response.prepare(raw_request)
+        try:
+            while True:  # no namespace events are emulated; hold the stream until the client leaves
+                await asyncio.sleep(3600)
+        finally:
+            with contextlib.suppress(Exception):
+                await response.write_eof()
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
         """Like the base class, but subscribes before the snapshot, so no write between them is lost.
