@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tusk.kernels.validate import KernelInputError
 
 from tusk import kernels as K
-from tusk.kernels.validate import KernelInputError
 
 
 def test_in_place_change_is_rechecked():
