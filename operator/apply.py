@@ -19,7 +19,8 @@ OWNED_MAPS: dict[str, list[tuple[str, ...]]] = {
     "Deployment": [
         ("spec", "template", "spec", "nodeSelector"),
         ("spec", "template", "spec", "affinity"),
-        ("spec", "template", "metadata", "annotations"),
+        # Not the pod-template annotations: `kubectl rollout restart` adds one there, and removing
+        # it would roll the pods a second time.
     ],
     "ConfigMap": [("data",)],
 }

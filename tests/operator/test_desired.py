@@ -266,6 +266,8 @@ def test_drift_detection_ignores_server_defaults_and_repairs_changes() -> None:
     live["metadata"]["labels"]["added-by-someone"] = "x"
     live["spec"]["template"]["spec"]["containers"][0]["terminationMessagePath"] = "/dev/termination-log"
     live["spec"]["template"]["spec"]["dnsPolicy"] = "ClusterFirst"
+    # `kubectl rollout restart` stamps the pod template; keeping it avoids a second rollout.
+    live["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"] = "now"
     assert is_subset(deployment, live)
     assert drift_patch(deployment, live) is None
 
