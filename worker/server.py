@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -498,7 +499,20 @@ def load_config(argv: list[str] | None) -> WorkerConfig:
     src.add_argument("--config", help="path of a WorkerConfig JSON file")
     args = p.parse_args(argv)
     raw = args.config_json if args.config_json is not None else Path(args.config).read_text()
-    return WorkerConfig.model_validate_json(raw)
+    return apply_environment(WorkerConfig.model_validate_json(raw))
+
+
+KV_TIER_URL_ENV = "TUSK_KV_TIER_URL"
+
+
+def apply_environment(config: WorkerConfig) -> WorkerConfig:
+    """Settings that cannot live in a ConfigMap: the operator puts an external tier's URL, with a
+    password taken from a Secret, in ``TUSK_KV_TIER_URL``; it wins over the file's URL."""
+    url = os.environ.get(KV_TIER_URL_ENV, "").strip()
+    if not url:
+        return config
+    tier = KVTierConfig.model_validate({**config.kv_tier.model_dump(), "url": url})
+    return config.model_copy(update={"kv_tier": tier})
 
 
 async def serve(config: WorkerConfig) -> int:
