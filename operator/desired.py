@@ -8,14 +8,13 @@ labels and ownerReference, which is what makes create-or-patch idempotent and dr
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from tusk.operator import schema
 from tusk.operator.spec import ModelDeploymentSpec, RoleSpec
 
-from tusk.config import EngineConfig, KVTierConfig, ModelRoute, Role, WorkerConfig
+from tusk.config import EngineConfig, KVTierConfig, ModelRoute, Role, RoutingConfig, WorkerConfig
 from tusk.kvserver import server_args
 
 GRPC_PORT = 50051
@@ -27,6 +26,8 @@ CACHE_MOUNT = "/var/cache/tusk"
 DEFAULT_WORKER_IMAGE = "ghcr.io/tusk-dev/tusk:0.1.0"
 CONFIG_HASH_ANNOTATION = "tusk.dev/config-hash"
 SERVED_NAMES_ANNOTATION = "tusk.dev/served-model-names"
+# The router serving many models in a cluster learns each one's routing from its worker pods.
+ROUTING_ANNOTATION = "tusk.dev/routing"
 KV_PASSWORD_ENV = "TUSK_KV_TIER_PASSWORD"
 KV_URL_ENV = "TUSK_KV_TIER_URL"
 
@@ -238,6 +239,12 @@ def worker_config(owner: Owner, spec: ModelDeploymentSpec, role: str) -> WorkerC
     )
 
 
+def routing_config(spec: ModelDeploymentSpec) -> RoutingConfig:
+    return RoutingConfig(
+        policy=spec.routing.policy, disaggregation_threshold_tokens=spec.routing.disaggregation_threshold
+    )
+
+
 def model_route(owner: Owner, spec: ModelDeploymentSpec) -> ModelRoute:
     """What the router needs to serve this model; workers are found by label selector."""
     return ModelRoute(
@@ -246,6 +253,7 @@ def model_route(owner: Owner, spec: ModelDeploymentSpec) -> ModelRoute:
         block_size=spec.block_size,
         max_model_len=spec.max_model_len,
         kubernetes_selector=f"app.kubernetes.io/name=tusk-worker,tusk.dev/model={owner.name}",
+        routing=routing_config(spec),
     )
 
 
@@ -254,13 +262,7 @@ def config_data(owner: Owner, spec: ModelDeploymentSpec) -> dict[str, str]:
         f"{role}.json": worker_config(owner, spec, role).model_dump_json(indent=2) for role in WORKER_ROLES
     }
     data["router.json"] = model_route(owner, spec).model_dump_json(indent=2)
-    data["routing.json"] = json.dumps(
-        {
-            "policy": spec.routing.policy,
-            "disaggregation_threshold_tokens": spec.routing.disaggregation_threshold,
-        },
-        indent=2,
-    )
+    data["routing.json"] = routing_config(spec).model_dump_json(indent=2)
     return data
 
 
@@ -414,6 +416,7 @@ def worker_deployment(
     annotations = {
         CONFIG_HASH_ANNOTATION: config_hash(config[f"{role}.json"]),
         SERVED_NAMES_ANNOTATION: names,
+        ROUTING_ANNOTATION: routing_config(spec).model_dump_json(),
     }
     return {
         "apiVersion": "apps/v1",

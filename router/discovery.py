@@ -13,7 +13,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tusk.router.metrics import RouterMetrics
@@ -29,6 +29,7 @@ WORKER_SELECTOR = "app.kubernetes.io/part-of=tusk,app.kubernetes.io/name=tusk-wo
 MODEL_LABEL = "tusk.dev/model"
 ROLE_LABEL = "tusk.dev/role"
 SERVED_NAMES = "tusk.dev/served-model-names"
+ROUTING_ANNOTATION = "tusk.dev/routing"  # the ModelDeployment's spec.routing as RoutingConfig JSON
 DEFAULT_GRPC_PORT = 50051
 # How long a departing worker's in-flight streams may run on (workers drain for 30 s by default).
 WORKER_DRAIN_S = 60.0
@@ -39,6 +40,7 @@ class DiscoveredWorker:
     model: str  # served model name
     address: str
     role: Role
+    routing: str = field(default="", compare=False)  # RoutingConfig JSON from the pod, if any
 
 
 def _get(obj: Any, *path: str) -> Any:
@@ -94,7 +96,20 @@ def pod_endpoints(pod: Any, model: str | None = None) -> list[DiscoveredWorker]:
     if model is not None:
         names = [model]
     host = f"[{ip}]" if ":" in ip else ip
-    return [DiscoveredWorker(model=n, address=f"{host}:{port}", role=role) for n in names]
+    routing = annotations.get(ROUTING_ANNOTATION) or ""
+    return [DiscoveredWorker(model=n, address=f"{host}:{port}", role=role, routing=routing) for n in names]
+
+
+def model_routing(worker: DiscoveredWorker, default: RoutingConfig) -> RoutingConfig:
+    """The routing a ModelDeployment asked for (carried on its pods), else the router's default.
+    A malformed annotation is logged and ignored rather than taking the model offline."""
+    if not worker.routing:
+        return default
+    try:
+        return RoutingConfig.model_validate_json(worker.routing)
+    except ValueError as exc:
+        log.warning("ignoring a bad routing annotation", extra={"model": worker.model, "error": str(exc)})
+        return default
 
 
 class StaticDiscovery:
@@ -256,7 +271,7 @@ class KubernetesDiscovery:
                 worker.model,
                 tokenizer,
                 block_size=info.block_size or 16,
-                routing=self.routing,
+                routing=model_routing(worker, self.routing),
                 metrics=self.metrics,
                 max_model_len=info.max_model_len or None,
             )
