@@ -29,7 +29,8 @@ from tusk.router.sim.trace import load_trace
 
 from tusk.config import Role
 
-TRACE = Path("/work/shared/data/traces/synthetic_trace.jsonl")
+# The full trace sits in the shared data folder beside the checkout; pass --trace elsewhere.
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "synthetic_trace.jsonl"
 COLUMNS = (
     "prefix_hit_rate",
     "ttft_p50_s",
