@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tusk.worker.engine import InvalidRequest, LLMEngine
 from tusk.worker.sequence import FinishReason, SamplingParams
-from worker_models import ARCHS, hf_greedy
+from worker_models import ARCHS, hf_greedy, run_all
 
 from tusk.config import EngineConfig
 
@@ -21,15 +21,6 @@ def greedy(n: int) -> SamplingParams:
 def prompts(count: int, seed: int, lo: int = 1, hi: int = 40) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, 256) for _ in range(rng.randrange(lo, hi))] for _ in range(count)]
-
-
-def run_all(engine: LLMEngine) -> dict[str, list]:
-    """Step until idle; returns every request's outputs."""
-    outs: dict[str, list] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            outs.setdefault(out.request_id, []).append(out)
-    return outs
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -7,17 +7,9 @@ from pathlib import Path
 
 from tusk.worker.engine import LLMEngine
 from tusk.worker.sequence import SamplingParams
-from worker_models import hf_greedy
+from worker_models import hf_greedy, run_all
 
 from tusk.config import EngineConfig, KVTierConfig, Role
-
-
-def run_all(engine: LLMEngine) -> dict[str, list]:
-    outs: dict[str, list] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            outs.setdefault(out.request_id, []).append(out)
-    return outs
 
 
 def test_split_through_tier_matches_transformers(llama_dir: Path, kv_server) -> None:

@@ -83,3 +83,12 @@ def _hf_model(folder: Path):
         model.eval()
         _CACHE[key] = model
     return _CACHE[key]
+
+
+def run_all(engine) -> dict[str, list]:
+    """Step an engine until idle; returns every request's outputs by request id."""
+    outs: dict[str, list] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    return outs
