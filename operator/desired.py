@@ -367,7 +367,7 @@ def worker_deployment(
     owner: Owner, spec: ModelDeploymentSpec, role: str, defaults: Defaults, config: dict[str, str]
 ) -> dict[str, Any]:
     role_spec: RoleSpec = getattr(spec, role)
-    pod_labels = labels(owner, role, pod_role(spec, role).value, "tusk-worker", defaults)
+    pod_labels = _worker_labels(owner, spec, role, defaults)
     names = ",".join(served_model_names(owner, spec))
     volumes, mounts, init = _volumes(owner, spec, role)
     node_selector: dict[str, str] = {}
@@ -434,16 +434,22 @@ def worker_deployment(
     }
 
 
+def _worker_labels(owner: Owner, spec: ModelDeploymentSpec, role: str, defaults: Defaults) -> dict[str, str]:
+    return labels(owner, role, pod_role(spec, role).value, "tusk-worker", defaults)
+
+
+def _worker_metadata(
+    owner: Owner, spec: ModelDeploymentSpec, role: str, defaults: Defaults
+) -> dict[str, Any]:
+    return _metadata(owner, child_name(owner.name, role), _worker_labels(owner, spec, role, defaults))
+
+
 def worker_service(owner: Owner, spec: ModelDeploymentSpec, role: str, defaults: Defaults) -> dict[str, Any]:
     """Headless, so DNS and EndpointSlices list every worker: the router picks, not kube-proxy."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(
-            owner,
-            child_name(owner.name, role),
-            labels(owner, role, pod_role(spec, role).value, "tusk-worker", defaults),
-        ),
+        "metadata": _worker_metadata(owner, spec, role, defaults),
         "spec": {
             "clusterIP": "None",
             "selector": selector_labels(owner, role),
@@ -467,11 +473,7 @@ def disruption_budget(
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(
-            owner,
-            child_name(owner.name, role),
-            labels(owner, role, pod_role(spec, role).value, "tusk-worker", defaults),
-        ),
+        "metadata": _worker_metadata(owner, spec, role, defaults),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(owner, role)}},
     }
 
