@@ -110,6 +110,42 @@ def _role(name: str, default_replicas: int, minimum: int) -> dict[str, Any]:
             },
             "env": {"type": "array", "items": _ENV_VAR},
             "image": _str("Worker image for this role; defaults to spec.image, then the operator's default."),
+            "imagePullSecrets": {
+                "type": "array",
+                "description": "Secrets for pulling the worker image, as in a Pod spec.",
+                "items": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+            },
+            "serviceAccountName": _str("ServiceAccount the worker pods run as."),
+            "priorityClassName": _str("PriorityClass of the worker pods."),
+            "runtimeClassName": _str("RuntimeClass of the worker pods (e.g. nvidia)."),
+            "topologySpreadConstraints": {
+                "type": "array",
+                "description": "Topology spread constraints, as in a Pod spec.",
+                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            },
+            "volumes": {
+                "type": "array",
+                "description": "Extra pod volumes, as in a Pod spec.",
+                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            },
+            "volumeMounts": {
+                "type": "array",
+                "description": "Extra volume mounts of the worker container.",
+                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            },
+            "podTemplate": {
+                "type": "object",
+                "description": "Strategic-merge patch applied last onto the generated pod template.",
+                "x-kubernetes-preserve-unknown-fields": True,
+            },
+            "rollout": {
+                "type": "object",
+                "default": {},
+                "properties": {
+                    "maxSurge": {"x-kubernetes-int-or-string": True, "default": 0},
+                    "maxUnavailable": {"x-kubernetes-int-or-string": True, "default": 1},
+                },
+            },
         },
         "x-kubernetes-validations": [
             {
@@ -138,6 +174,14 @@ def spec_schema() -> dict[str, Any]:
                     "imagePath": _str(
                         "Folder holding the model inside an image:// source.", default="/model"
                     ),
+                    "cache": {
+                        "type": "object",
+                        "default": {},
+                        "properties": {
+                            "sizeLimit": {**_QUANTITY, "default": "20Gi"},
+                            "persistentVolumeClaim": _str("Shared model-cache PVC."),
+                        },
+                    },
                 },
                 "x-kubernetes-validations": [
                     {

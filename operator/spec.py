@@ -24,10 +24,18 @@ class SecretRef(_Spec):
     key: str = "token"
 
 
+class CacheSpec(_Spec):
+    """Where hf:// downloads go: a size-limited emptyDir, or a shared PVC when one is named."""
+
+    size_limit: int | str = Field("20Gi", alias="sizeLimit")
+    persistent_volume_claim: str | None = Field(None, alias="persistentVolumeClaim")
+
+
 class ModelSource(_Spec):
     source: str = Field(pattern=schema.MODEL_SOURCE_PATTERN)
     token_secret_ref: SecretRef | None = Field(None, alias="tokenSecretRef")
     image_path: str = Field("/model", alias="imagePath")
+    cache: CacheSpec = CacheSpec()
 
     @property
     def kind(self) -> Literal["tiny", "hf", "pvc", "image", "path"]:
@@ -48,16 +56,32 @@ class Resources(_Spec):
     requests: dict[str, int | str] = {}
 
 
+class RolloutSpec(_Spec):
+    """Deployment rolling-update bounds; maxSurge 0 by default so a rollout needs no spare GPU."""
+
+    max_surge: int | str = Field(0, alias="maxSurge")
+    max_unavailable: int | str = Field(1, alias="maxUnavailable")
+
+
 class RoleSpec(_Spec):
     replicas: int = 1
     accelerator: Accelerator = "cpu"
-    accelerators_per_replica: int = Field(1, ge=1, alias="acceleratorsPerReplica")
+    accelerators_per_replica: int = Field(1, ge=1, le=1, alias="acceleratorsPerReplica")
     resources: Resources = Resources()
     node_selector: dict[str, str] = Field({}, alias="nodeSelector")
     tolerations: list[dict[str, Any]] = []
     affinity: dict[str, Any] | None = None
     env: list[dict[str, Any]] = []
     image: str | None = None
+    image_pull_secrets: list[dict[str, Any]] = Field([], alias="imagePullSecrets")
+    service_account_name: str | None = Field(None, alias="serviceAccountName")
+    priority_class_name: str | None = Field(None, alias="priorityClassName")
+    runtime_class_name: str | None = Field(None, alias="runtimeClassName")
+    topology_spread_constraints: list[dict[str, Any]] = Field([], alias="topologySpreadConstraints")
+    volumes: list[dict[str, Any]] = []
+    volume_mounts: list[dict[str, Any]] = Field([], alias="volumeMounts")
+    pod_template: dict[str, Any] = Field({}, alias="podTemplate")
+    rollout: RolloutSpec = RolloutSpec()
 
 
 class EngineSpec(_Spec):
@@ -116,8 +140,8 @@ class ModelDeploymentSpec(_Spec):
 
     @model_validator(mode="after")
     def _replicas(self) -> ModelDeploymentSpec:
-        if self.decode.replicas < 1:
-            raise ValueError("decode.replicas must be at least 1")
+        if self.decode.replicas < 0:
+            raise ValueError("decode.replicas must be at least 0")
         if self.prefill.replicas < 0:
             raise ValueError("prefill.replicas must be at least 0")
         return self
