@@ -2,8 +2,9 @@
 
 The router owns text (workers see only token ids), so this module is where Hugging Face's
 conventions have to be reproduced faithfully: the chat template is the jinja2 template from
-``tokenizer_config.json`` rendered with ``messages``, ``add_generation_prompt``, ``bos_token`` and
-``eos_token``; prompts rendered from a template are encoded without extra special tokens (the
+``chat_template.jinja`` or ``tokenizer_config.json`` rendered in transformers' Jinja environment
+(see ``chat_template.py``) with ``messages``, ``add_generation_prompt`` and the special tokens;
+prompts rendered from a template are encoded without extra special tokens (the
 template already placed them). Files come either from a local folder or from a worker's
 GetModelInfo RPC, so a router in a cluster needs no copy of the model.
 """
@@ -13,17 +14,25 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
+from tusk.router.chat_template import TEMPLATE_FILE, ChatTemplate, ChatTemplateError, select_template
 from tusk.router.errors import bad_request
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", TEMPLATE_FILE)
+SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 class TokenizerError(RuntimeError):
@@ -35,10 +44,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _raise_exception(message: str) -> None:
-    raise TemplateError(message)
 
 
 class ModelTokenizer:
@@ -59,14 +64,12 @@ class ModelTokenizer:
         if not isinstance(self.max_model_len, int) or self.max_model_len > 1 << 30:
             self.max_model_len = None
         self.eos_token_ids = self._eos_ids(generation)
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: use "default"
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        self._template = env.from_string(template) if template else None
+        special = {k: v for k in SPECIAL_TOKEN_KEYS if (v := _token_text(config.get(k))) is not None}
+        try:
+            source = select_template(dict(files), config)
+            self._template = ChatTemplate(source, special) if source else None
+        except ChatTemplateError as exc:
+            raise TokenizerError(str(exc)) from None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelTokenizer:
@@ -97,13 +100,9 @@ class ModelTokenizer:
                 "This model has no chat template; use /v1/completions instead.", param="messages"
             )
         try:
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=True,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
-        except TemplateError as exc:
+            return self._template.render(messages, add_generation_prompt=True)
+        except (TemplateError, TypeError, ValueError, LookupError, AttributeError) as exc:
+            # Whatever a template raises on odd messages is the client's 400, never a 500.
             raise bad_request(f"The chat template rejected these messages: {exc}", param="messages") from None
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:

@@ -39,7 +39,7 @@ _FINISH = {
 }
 _MEDIUM = {"device": pb.KV_MEDIUM_DEVICE, "host": pb.KV_MEDIUM_HOST, "tier": pb.KV_MEDIUM_TIER}
 _EVENT_QUEUE_BATCHES = 4096
-_MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+_MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
 
 class _EngineFailed(Exception):
