@@ -23,9 +23,11 @@ import torch
 from prometheus_client import Counter, Gauge
 from tusk.kernels.device import device_kind
 
+from tusk.kernel_backends import KERNEL_BACKENDS
+
 log = logging.getLogger("tusk.kernels")
 
-BACKENDS = ("triton", "torch", "reference")
+BACKENDS = KERNEL_BACKENDS  # the names live in a torch-free module (the operator lists them)
 ENV_VAR = "TUSK_KERNEL_BACKEND"
 ALL_KINDS = frozenset({"cuda", "rocm", "xpu", "mps", "cpu"})
 FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
