@@ -17,21 +17,27 @@ how many workers exist:
   ``max_blocks_per_worker``) and, in approximate mode, ages out guesses.
 * ``_tier``: an ``OrderedDict`` of hashes the shared tier holds, bounded the same way.
 
-Exact mode is fed by the workers' KV events (``apply_event``). Approximate mode (events off)
+Exact mode is fed by the workers' KV events (``apply_event``). ``claim`` runs ahead of them:
+a routing decision marks the request's blocks as held by the chosen worker for ``ttl_s``
+(llm-d pre-inserts routed prefixes for about 2 s) so the next turn of a conversation arriving
+while this prefill runs already sees the match. A claimed block turns into a real one when the
+worker's ``stored`` event arrives; an unconfirmed claim disappears when its time is up. Approximate mode (events off)
 calls ``record_route`` on each routing decision: the chosen worker will hold the request's
 blocks soon, and the per-worker LRU bound plays the part of the worker's own eviction.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 EventKind = Literal["stored", "removed", "cleared"]
 Medium = Literal["device", "host", "tier"]
 
 _MEDIUM_BITS = {"device": 1, "host": 2}
+_CLAIM_BIT = 4  # claimed by a routing decision, not yet confirmed by a KV event
 EVENT_KINDS = ("stored", "removed", "cleared")
 MEDIA = ("device", "host", "tier")
 
@@ -56,6 +62,9 @@ class PrefixIndex:
         self._free_slots: list[int] = []
         self._blocks: dict[int, OrderedDict[int, int]] = {}
         self._tier: OrderedDict[int, None] = OrderedDict()
+        self._claims: deque[tuple[float, str, Sequence[int]]] = deque()
+        # seconds; the simulator swaps in its virtual clock
+        self.clock: Callable[[], float] = time.monotonic
 
     # ----------------------------------------------------------------- bookkeeping
     def _slot(self, worker_id: str) -> int:
@@ -77,7 +86,8 @@ class PrefixIndex:
                 victim, _ = blocks.popitem(last=False)
                 self._drop_holder(victim, slot)
         else:
-            blocks[h] = old | bits
+            # a real store confirms a claim: the block no longer expires with it
+            blocks[h] = (old | bits) & ~_CLAIM_BIT if bits != _CLAIM_BIT else old | bits
             blocks.move_to_end(h)
 
     def _drop_holder(self, h: int, slot: int) -> None:
@@ -119,7 +129,8 @@ class PrefixIndex:
         elif kind == "removed":
             for h in hashes:
                 self._remove(slot, h, bits)
-        else:  # cleared: everything this worker held in that medium
+        else:  # cleared: everything this worker held in that medium (and its claims)
+            bits |= _CLAIM_BIT
             for h in [h for h, b in self._blocks[slot].items() if b & bits]:
                 self._remove(slot, h, bits)
 
@@ -146,6 +157,34 @@ class PrefixIndex:
         for h in reversed(hashes):  # tail first: the prefix ends most recent, evicted last
             self._add(slot, h, 1)
 
+    def claim(self, worker_id: str, hashes: Sequence[int], ttl_s: float) -> None:
+        """The router just sent these blocks' request to ``worker_id``: count them as held there
+        until the worker's KV events confirm them or ``ttl_s`` passes (see the module doc)."""
+        if not hashes:
+            return
+        self.expire_claims()
+        slot = self._slot(worker_id)
+        for h in reversed(hashes):  # tail first, like record_route
+            self._add(slot, h, _CLAIM_BIT)
+        self._claims.append((self.clock() + ttl_s, worker_id, hashes))
+
+    def expire_claims(self) -> None:
+        """Drop the claims whose time is up and that no KV event confirmed."""
+        claims = self._claims
+        if not claims:
+            return
+        now = self.clock()
+        while claims and claims[0][0] <= now:
+            _, worker_id, hashes = claims.popleft()
+            slot = self._slots.get(worker_id)
+            if slot is None:
+                continue
+            blocks = self._blocks[slot]
+            for h in hashes:
+                b = blocks.get(h)
+                if b is not None and b & _CLAIM_BIT:
+                    self._remove(slot, h, _CLAIM_BIT)
+
     def remove_worker(self, worker_id: str) -> None:
         """Forget a worker that left (scaled down, crashed, unhealthy for too long)."""
         slot = self._slots.pop(worker_id, None)
@@ -159,7 +198,10 @@ class PrefixIndex:
     # ----------------------------------------------------------------- queries
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Longest consecutive-prefix match, in blocks, per worker (device + host). Workers
-        with no match are absent. Uses the prefix-closed search unless ``exact_match``."""
+        with no match are absent (unconfirmed claims count until they expire). Uses the
+        prefix-closed search unless ``exact_match``."""
+        if self._claims:
+            self.expire_claims()
         if self.exact_match:
             return self.match_exact(hashes)
         return self.match_closed(hashes)

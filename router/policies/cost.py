@@ -93,6 +93,7 @@ class CostPolicy:
         threshold_tokens: int | None = None,
         recompute_weight: float = 4.0,
         claim_routes: bool = True,
+        claim_ttl_s: float = 2.0,
     ) -> None:
         # ``threshold_tokens`` is an alias of ``disaggregation_threshold_tokens`` (the router's name).
         if disaggregation_threshold_tokens is None:
@@ -106,6 +107,9 @@ class CostPolicy:
         self.index = index
         self.recompute_weight = recompute_weight
         self.claim_routes = claim_routes
+        if claim_ttl_s <= 0:
+            raise ValueError("claim_ttl_s must be > 0")
+        self.claim_ttl_s = claim_ttl_s
         self.override = disaggregation_threshold_tokens
         self.default_rate = default_prefill_tokens_per_s
         self.chunk_tokens = chunk_tokens
@@ -207,9 +211,10 @@ class CostPolicy:
         Without it, the next turn of a conversation that arrives while this prefill runs
         sees no match and lands elsewhere, duplicating the prefix. The worker stores every
         prompt block once the prefill is done and reports evictions as usual, so the claim
-        only runs ahead of the events, it does not contradict them."""
+        only runs ahead of the events, it does not contradict them; an unconfirmed claim
+        expires after ``claim_ttl_s`` (llm-d pre-inserts for about 2 s)."""
         if self.claim_routes and hashes:
-            self.index.record_route(w.worker_id, hashes)
+            self.index.claim(w.worker_id, hashes, self.claim_ttl_s)
 
     def route(self, request: RoutingRequest, workers: list[WorkerState]) -> RoutingDecision:
         """``decision.reason`` is one of a fixed set (it is a metrics label):

@@ -1,8 +1,9 @@
 """The discrete-event loop: trace arrivals -> the real policy -> modeled workers -> metrics.
 
 The policy object is built by ``tusk.router.policies.make_policy`` -- the same code the live
-router runs -- and sees the same things it sees live: ``WorkerState`` load reports (here exact
-and instantaneous), a ``PrefixIndex`` fed by KV events that the modeled workers emit as their
+router runs -- and sees the same things it sees live: ``WorkerState`` load reports polled every
+``poll_interval_s`` (0.5 s, as the live router) through the same ``WorkerLoad`` account that
+the live router keeps from its own decisions (``tusk.router.load_account``), a ``PrefixIndex`` fed by KV events that the modeled workers emit as their
 LRU caches store and evict blocks (or, with events off, by ``record_route``), and
 ``RequestOutcome`` feedback when a request finishes.
 """
@@ -16,8 +17,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from tusk.router.load_account import WorkerLoad, open_ticket
 from tusk.router.policies import NoWorkerAvailable, make_policy
-from tusk.router.policies.base import RequestOutcome, RoutingRequest
+from tusk.router.policies.base import RequestOutcome, RoutingRequest, WorkerState
 from tusk.router.prefix_index import PrefixIndex
 from tusk.router.sim.metrics import ideal_hit_rates, percentile, weighted_percentile
 from tusk.router.sim.profile import WorkerProfile
@@ -26,7 +28,7 @@ from tusk.router.sim.worker import Job, SimWorker
 
 from tusk.config import Role
 
-_ARRIVAL, _WORKER, _HANDOFF = 0, 1, 2
+_ARRIVAL, _WORKER, _HANDOFF, _POLL = 0, 1, 2, 3
 
 
 @dataclass
@@ -43,6 +45,8 @@ class SimConfig:
     ttft_slo_s: float = 2.0
     itl_slo_s: float = 0.1
     policy_settings: dict[str, Any] | None = None
+    # how often the router sees load reports (simulated seconds); 0 = exact at every arrival
+    poll_interval_s: float = 0.5
 
     def validate(self) -> None:
         if self.prefill_workers or self.decode_workers:
@@ -57,6 +61,8 @@ class SimConfig:
             raise ValueError(f"the simulator handles 1..256 workers, got {total}")
         if not self.load_scale > 0:
             raise ValueError("load scale must be > 0")
+        if self.poll_interval_s < 0:
+            raise ValueError("poll interval must be >= 0")
         if self.block_size < 1 or self.tier_blocks < 0:
             raise ValueError("block size must be >= 1 and tier blocks >= 0")
 
@@ -87,7 +93,14 @@ class Simulator:
         }
         self.policy = make_policy(config.policy, self.index, **settings)
         self.workers = [SimWorker(i, r, self.profile, bs, self) for i, r in enumerate(roles)]
-        self.states = [w.state for w in self.workers]
+        # the router's view of each worker (what the policy sees), separate from the worker's truth
+        self.states = [
+            WorkerState(worker_id=w.worker_id, address=w.state.address, role=w.state.role)
+            for w in self.workers
+        ]
+        self.loads = {s.worker_id: WorkerLoad(s) for s in self.states}
+        self.now = 0.0
+        self.index.clock = lambda: self.now
         self.tier: OrderedDict[int, None] = OrderedDict()
         self._events: list[tuple[float, int, int, int, int]] = []
         self._seq = 0
@@ -145,9 +158,14 @@ class Simulator:
         return n
 
     # ------------------------------------------------------------------ request life
+    def _poll(self, now: float) -> None:
+        """Every worker's LoadReport reaches the router's account (GetLoad, live)."""
+        for w, state in zip(self.workers, self.states, strict=True):
+            self.loads[state.worker_id].apply_report(w.report(now))
+
     def _arrive(self, job: Job, now: float) -> None:
-        for w in self.workers:
-            w.refresh(now)
+        if not self.config.poll_interval_s:
+            self._poll(now)
         req = job.req
         rr = RoutingRequest(
             request_id=str(job.idx),
@@ -169,8 +187,11 @@ class Simulator:
         pw = self._worker_of(decision.prefill) if decision.prefill is not None else dw
         if decision.prefill is not None:
             self.disaggregated += 1
-            pw.state.inflight += 1
-        dw.state.inflight += 1
+            decision.prefill.inflight += 1
+        decision.decode.inflight += 1
+        job.ticket = open_ticket(
+            self.loads, decision, req.input_tokens, req.output_tokens, self.config.block_size
+        )
         if not self.config.kv_events:
             self.index.record_route(pw.worker_id, req.block_hashes)
             if dw is not pw:
@@ -192,10 +213,11 @@ class Simulator:
         """Called by ``worker`` (inside its own advance) when a prefill finishes: first token."""
         self._tier_store(job.req.block_hashes)
         assert job.decision is not None
+        job.ticket.first_token()
         if job.decision.prefill is None:
             worker.admit_decode(job, now)
             return
-        worker.state.inflight -= 1
+        job.decision.prefill.inflight -= 1
         worker.pinned -= job.kv_blocks
         if job.req.output_tokens <= 1:
             self.finish(job, self._worker_of(job.decision.decode), now)
@@ -206,7 +228,9 @@ class Simulator:
     def finish(self, job: Job, worker: SimWorker, now: float) -> None:
         job.finish = now
         job.completions += 1
-        worker.state.inflight -= 1
+        job.ticket.done()
+        assert job.decision is not None
+        job.decision.decode.inflight -= 1
         assert job.decision is not None and job.prefill_start is not None and job.prefill_end is not None
         decode_tokens = job.req.output_tokens - 1
         decode_s = now - job.decode_start if job.decode_start is not None and decode_tokens > 0 else None
@@ -241,11 +265,20 @@ class Simulator:
             )
             self.jobs.append(job)
             self._push(job.req.arrival_s, _ARRIVAL, i)
+        poll = self.config.poll_interval_s
+        if poll:
+            self._poll(0.0)
+            self._push(poll, _POLL, 0)
         events = self._events
         workers = self.workers
         while events:
             now, _, kind, a, b = heapq.heappop(events)
-            if kind == _ARRIVAL:
+            self.now = now
+            if kind == _POLL:
+                self._poll(now)
+                if len(events) > 0:  # other events pending: keep polling
+                    self._push(now + poll, _POLL, 0)
+            elif kind == _ARRIVAL:
                 self._arrive(self.jobs[a], now)
             elif kind == _WORKER:
                 w = workers[a]
@@ -255,6 +288,7 @@ class Simulator:
             else:
                 job = self.jobs[a]
                 assert job.decision is not None
+                job.ticket.decode_started()
                 self._worker_of(job.decision.decode).receive_handoff(job, now)
         return self._metrics(time.perf_counter() - wall0)
 
@@ -286,6 +320,7 @@ class Simulator:
         threshold = getattr(self.policy, "threshold_tokens", None)
         return {
             "policy": cfg.policy,
+            "poll_interval_s": cfg.poll_interval_s,
             "workers": len(self.workers),
             "prefill_workers": cfg.prefill_workers,
             "decode_workers": cfg.decode_workers,

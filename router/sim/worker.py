@@ -21,6 +21,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tusk.router.load_account import LoadReportView
 from tusk.router.policies.base import RoutingDecision, WorkerState
 from tusk.router.sim.profile import WorkerProfile
 from tusk.router.sim.trace import TraceRequest
@@ -51,6 +52,7 @@ class Job:
     decode_start: float | None = None
     finish: float | None = None
     handoff_s: float | None = None
+    ticket: object | None = None  # the router's LoadTicket (tusk.router.load_account)
     v_admit: float = 0.0
     ctx_admit: int = 0
     itl_samples: list[float] = field(default_factory=list)
@@ -235,6 +237,32 @@ class SimWorker:
         s.free_blocks = max(0, self.capacity - self.pinned)
         s.decode_step_s = self.step if self.n else p.step_overhead_s + p.weights_read_s
         s.queued_prefill_tokens = int(self.queued_tokens)
+
+    def report(self, now: float) -> LoadReportView:
+        """The worker's LoadReport at ``now``, with the live field meanings (the emulator's
+        GetLoad answers exactly this): running = sequences decoding plus the one prefilling;
+        queued = requests waiting to start; queued_prefill_tokens = prompt tokens not computed
+        yet, the running prefill's remainder included; decode_step_s = a pure-decode step at
+        the current batch (no prefill chunk); prefill_tokens_per_s = the engine's rate."""
+        p = self.profile
+        queued_tokens = self.queued_tokens
+        started = self.head is not None
+        if started and self.step > 0:
+            queued_tokens -= min(self.head.remaining, self.chunk * (now - self.seg_start) / self.step)
+        waiting = len(self.ready) + len(self.fetching) - (1 if started else 0)
+        n = self.n
+        step = (
+            p.step_s(0.0, 0.0, n, self.ctx_base + n * self.v) if n else p.step_overhead_s + p.weights_read_s
+        )
+        return LoadReportView(
+            running_requests=n + (1 if started else 0),
+            queued_requests=max(0, waiting),
+            queued_prefill_tokens=max(0, int(queued_tokens)),
+            free_blocks=max(0, self.capacity - self.pinned),
+            total_blocks=self.capacity,
+            prefill_tokens_per_s=p.prefill_tokens_per_s,
+            decode_step_s=step,
+        )
 
     def refresh(self, now: float) -> None:
         """Cheap load report at ``now`` without ending the segment (what a poll would see)."""
