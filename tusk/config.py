@@ -65,6 +65,9 @@ class WorkerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    http_port: int | None = Field(
+        None, ge=0, le=65535, description="OpenAI-compatible HTTP API port (0 = any free port); None = off"
+    )
     engine: EngineConfig = EngineConfig()
     kv_tier: KVTierConfig = KVTierConfig()
     drain_timeout_s: float = Field(30.0, ge=0)
@@ -73,6 +76,11 @@ class WorkerConfig(_Strict):
 class WorkerEndpoint(_Strict):
     address: str = Field(..., description="host:port of the worker's gRPC server")
     role: Role = Role.BOTH
+    protocol: Literal["grpc", "http"] = Field(
+        "grpc", description="grpc: a tusk worker; http: an OpenAI-compatible server (vLLM, SGLang)"
+    )
+    kv_events: str | None = Field(None, description="http backends: ZMQ PUB endpoint of KV events")
+    kv_events_replay: str | None = Field(None, description="http backends: ZMQ ROUTER replay endpoint")
 
 
 class RoutingConfig(_Strict):
