@@ -446,6 +446,8 @@ class Worker:
         self.service: WorkerService | None = None
         self.address = ""
         self.metrics_port: int | None = None
+        self.http = None  # WorkerHTTP when config.http_port is set
+        self.http_address: str | None = None
 
     async def start(self) -> str:
         config = self.config
@@ -476,12 +478,20 @@ class Worker:
         self.address = f"{host}:{port}"
         if config.metrics_port is not None:
             self.metrics_port = self.service.metrics.serve(config.metrics_port, config.host)
+        if config.http_port is not None:
+            from tusk.worker.http_api import WorkerHTTP
+
+            self.http = WorkerHTTP(self.service, self.address)
+            self.http_address = await self.http.start(config.host, config.http_port)
+            await self.http.wait_ready()
         return self.address
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         if self.service is None or self.server is None:
             return
         await self.service.drain(self.config.drain_timeout_s if drain_timeout is None else drain_timeout)
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace=1.0)
         self.service.stop()
         connector = self.service.connector
@@ -527,6 +537,7 @@ async def serve(config: WorkerConfig) -> int:
         "event": "ready",
         "address": worker.address,
         "metrics_port": worker.metrics_port,
+        "http_address": worker.http_address,
         "worker_id": worker.service.worker_id,
         "role": config.role.value,
         "model": worker.service.model_name,
