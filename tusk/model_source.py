@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HF_PREFIX = "hf://"
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+# Hugging Face architecture -> the model family the worker implements it with (one list for the
+# CLI's early check and the worker's loader).
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
 
 
 class ModelSourceError(ValueError):
@@ -35,6 +41,8 @@ def parse_hf_id(ref: str) -> tuple[str, str | None]:
 
 
 def resolve_model(ref: str, cache_dir: Path | None = None) -> ResolvedModel:
+    if ref.endswith(".gguf"):
+        return resolve_gguf(Path(ref).expanduser(), cache_dir)
     if ref == "tiny":
         from tusk.tiny_model import tiny_model_dir
 
@@ -61,6 +69,22 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> ResolvedModel:
     return check_model_folder(Path(ref).expanduser(), None)
 
 
+def resolve_gguf(path: Path, cache_dir: Path | None) -> ResolvedModel:
+    """A GGUF file is served from a folder prepared once in the cache (config, tokenizer, a link
+    to the file); see ``tusk.worker.gguf_model``."""
+    if not path.is_file():
+        raise ModelSourceError(f"GGUF file {path} does not exist")
+    try:
+        from tusk.worker.gguf_model import GGUFError, prepared_folder
+    except ImportError as exc:
+        raise ModelSourceError(f"serving {path} needs the gguf package (pip install gguf): {exc}") from None
+    try:
+        folder = prepared_folder(path, cache_dir)
+    except GGUFError as exc:
+        raise ModelSourceError(str(exc)) from None
+    return ResolvedModel(folder, path.stem)
+
+
 def check_model_folder(path: Path, name: str | None) -> ResolvedModel:
     if not path.is_dir():
         raise ModelSourceError(
@@ -74,12 +98,12 @@ def check_model_folder(path: Path, name: str | None) -> ResolvedModel:
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelSourceError(f"{config_path} is not valid JSON: {exc}") from None
     archs = set(config.get("architectures") or [])
-    if not archs & SUPPORTED_ARCHITECTURES:
+    if not archs & SUPPORTED_ARCHITECTURES.keys():
         raise ModelSourceError(
             f"{path}: architecture {sorted(archs) or 'unknown'} is not supported "
             f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
         )
-    if not any(path.glob("*.safetensors")):
+    if not any(path.glob("*.safetensors")) and not (path / "model.gguf").exists():
         raise ModelSourceError(f"{path} has no *.safetensors weights")
     if not (path / "tokenizer.json").is_file():
         raise ModelSourceError(f"{path} has no tokenizer.json (the router needs a fast tokenizer)")

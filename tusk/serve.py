@@ -45,7 +45,9 @@ class ServeError(RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tusk serve", description="Run router, workers and a KV tier locally.")
-    p.add_argument("--model", default="tiny", help="tiny (default), a local HF folder, or hf://org/name")
+    p.add_argument(
+        "--model", default="tiny", help="tiny (default), a local HF folder, hf://org/name or a .gguf file"
+    )
     p.add_argument("--served-name", default=None, help="name in /v1/models (default: folder name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="router HTTP port (0 = any free port)")

@@ -145,7 +145,7 @@ def _cl100k_ranks() -> dict[bytes, int]:
     return ranks
 
 
-def _byte_to_unicode() -> dict[int, str]:
+def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters, used by byte-level BPE."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -186,7 +186,7 @@ def write_cl100k_tokenizer(folder: Path) -> None:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     ranks = _cl100k_ranks()
-    b2u = _byte_to_unicode()
+    b2u = byte_to_unicode()
 
     def text(token: bytes) -> str:
         return "".join(b2u[b] for b in token)

@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tusk.worker import gguf_model
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
+from tusk.model_source import SUPPORTED_ARCHITECTURES
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -121,8 +119,13 @@ def _eos_ids(config: dict[str, Any], generation_config: dict[str, Any] | None) -
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local folder for ``model``: the folder itself, ``tiny`` (the embedded default model), or an
-    ``hf://org/name[@revision]`` snapshot."""
+    """A local folder for ``model``: the folder itself, ``tiny`` (the embedded default model), an
+    ``hf://org/name[@revision]`` snapshot, or the prepared folder of a ``.gguf`` file."""
+    if gguf_model.is_gguf(model):
+        try:
+            return gguf_model.prepared_folder(model)
+        except gguf_model.GGUFError as exc:
+            raise ModelLoadError(str(exc)) from None
     if model == "tiny":
         from tusk.tiny_model import tiny_model_dir
 
@@ -185,6 +188,9 @@ def choose_dtype(requested: str, spec: ModelSpec, device: torch.device) -> torch
 
 
 def weight_files(folder: Path) -> list[Path]:
+    gguf_file = gguf_model.gguf_in(folder)
+    if gguf_file is not None:
+        return [gguf_file]
     index = read_json(folder / "model.safetensors.index.json")
     if index is not None:
         names = sorted(set(index.get("weight_map", {}).values()))
@@ -202,6 +208,14 @@ def load_weights(folder: Path, dtype: torch.dtype, device: torch.device) -> dict
     """Every tensor of the checkpoint, converted to ``dtype`` on ``device``."""
     from safetensors import safe_open
 
+    gguf_file = gguf_model.gguf_in(folder)
+    if gguf_file is not None:
+        try:
+            return gguf_model.load_gguf_weights(
+                gguf_file, read_json(folder / "config.json") or {}, dtype, device
+            )
+        except gguf_model.GGUFError as exc:
+            raise ModelLoadError(str(exc)) from None
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(folder):
         with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
