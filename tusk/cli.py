@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("tusk.operator.main", "run the Kubernetes operator (kopf)"),
     "sim": ("tusk.router.sim.cli", "simulate a cluster on a request trace with the router's policies"),
     "bench": ("tusk.router.loadgen", "load-test an OpenAI-compatible endpoint"),
+    "emulate": ("tusk.emulate", "emulated workers (timing from a profile, no model) for routing tests"),
     "model": ("tusk.model_cli", "prepare models (e.g. build the embedded tiny model)"),
 }
 
