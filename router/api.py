@@ -141,7 +141,7 @@ class RouterAPI:
             prepared = await self._prepare(request, raw, kind, rid)
             model = prepared.runtime.name
             if prepared.body.stream:
-                response = await self._stream(prepared, rid, started, endpoint)
+                response = await self._stream(prepared, rid, started, endpoint, request)
                 admitted = False  # the stream releases its slot when it ends
                 return response
             return await self._complete(request, prepared, rid, started, endpoint)
@@ -372,10 +372,18 @@ class RouterAPI:
             }
         return _json(body, headers={"x-request-id": rid})
 
-    async def _stream(self, prepared: Prepared, rid: str, started: float, endpoint: str) -> Response:
+    async def _stream(
+        self, prepared: Prepared, rid: str, started: float, endpoint: str, request: Request
+    ) -> Response:
         events = self._text_events(prepared)
         try:
-            first = await anext(events)  # failures before the first token are plain HTTP errors
+            # Failures before the first token are plain HTTP errors; a client that hangs up
+            # before it cancels the prefill at once (closing the events cancels the worker call).
+            first = await _first_unless_disconnected(request, events)
+        except _ClientGone:
+            await events.aclose()
+            self._finish_metrics(prepared, endpoint, 499, started)
+            raise _handled(APIError(499, "The client closed the connection.", code="client_closed")) from None
         except StopAsyncIteration:
             first = ("", "stop")
         except APIError as exc:
@@ -475,6 +483,34 @@ class _handled(APIError):
         super().__init__(
             exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=exc.headers
         )
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _first_unless_disconnected(request: Request, events: AsyncIterator[Any]) -> Any:
+    """The first item of ``events``, or ``_ClientGone`` as soon as the client hangs up first."""
+
+    async def first() -> Any:
+        return await anext(events)
+
+    item = asyncio.ensure_future(first())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((item, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        item.cancel()
+        raise
+    finally:
+        hung_up = gone.done() and not gone.cancelled()
+        gone.cancel()
+    if hung_up or not item.done():
+        item.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await item
+        raise _ClientGone
+    return item.result()
 
 
 async def _disconnected(request: Request) -> None:

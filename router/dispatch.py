@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from tusk.router.errors import bad_request, no_worker, timed_out, worker_failed
+from tusk.router.failures import MAX_ATTEMPTS, MAX_SUSPECT, Failure, classify, is_request_error
 from tusk.router.policies.base import (
     NoWorkerAvailable,
     Policy,
@@ -33,17 +34,6 @@ from tusk.router.workers import WorkerClient
 from tusk.protocol import pb
 
 log = logging.getLogger("tusk.router.dispatch")
-
-# Failures that say "this worker could not take the request": try another one.
-RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-MAX_ATTEMPTS = 3
 
 FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
@@ -78,6 +68,7 @@ class Generation:
     prefill_s: float | None = None
     decode_s: float | None = None
     attempts: int = 0
+    suspects: int = 0  # worker connections that broke while holding this request
     _started: float = field(default_factory=time.perf_counter)
     _active: tuple[WorkerClient, grpc.aio.Call] | None = None
     _excluded: set[str] = field(default_factory=set)
@@ -184,15 +175,31 @@ class Generation:
                 yield chunk
 
     def _raise_if_final(self, exc: grpc.aio.AioRpcError) -> None:
+        """Raise the client's error unless the request may go to another worker (see failures.py)."""
         code = exc.code()
-        if code == grpc.StatusCode.INVALID_ARGUMENT or code == grpc.StatusCode.OUT_OF_RANGE:
+        if is_request_error(exc):
             raise bad_request(exc.details() or "invalid request") from None
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             raise timed_out(self.req.timeout_s) from None
-        if code not in RETRYABLE:
+        if not self._may_retry(exc):
+            if classify(exc) is Failure.SUSPECT:
+                raise worker_failed(
+                    f"workers failed {self.suspects} times while running this request; not trying "
+                    f"another ({code.name}: {exc.details()})"
+                ) from None
+            if self.attempts > MAX_ATTEMPTS:
+                raise worker_failed(f"{MAX_ATTEMPTS} tries failed; last error {code.name}: {exc.details()}")
             raise worker_failed(f"worker error {code.name}: {exc.details()}") from None
-        if self.attempts > MAX_ATTEMPTS:
-            raise worker_failed(f"{MAX_ATTEMPTS} tries failed; last error {code.name}: {exc.details()}")
+
+    def _may_retry(self, exc: grpc.aio.AioRpcError) -> bool:
+        kind = classify(exc)
+        if kind is Failure.FINAL:
+            return False
+        if kind is Failure.SUSPECT:
+            self.suspects += 1
+            if self.suspects > MAX_SUSPECT:
+                return False
+        return self.attempts <= MAX_ATTEMPTS
 
     async def _prefill(self, client: WorkerClient, state: WorkerState) -> pb.PrefillResponse:
         req = self.req
@@ -240,6 +247,8 @@ class Generation:
             emitted: list[int] = []
             try:
                 async for reply in call:
+                    if self.finish_reason is not None:
+                        continue  # the answer is complete: anything after its finish is dropped
                     if not received:
                         received = True
                         if first_token is None and not migrated:
@@ -258,6 +267,9 @@ class Generation:
                 self.decode_s = time.perf_counter() - started
                 return
             except grpc.aio.AioRpcError as exc:
+                if self.finish_reason is not None:  # failed after finishing: nothing to continue
+                    self.decode_s = time.perf_counter() - started
+                    return
                 self.attempts += 1
                 if received:
                     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -297,7 +309,7 @@ class Generation:
         decoding of that longer prompt yields exactly the tokens the dead worker would have sent
         next, so the client sees one uninterrupted answer. Sampled requests cannot be continued
         faithfully (their random stream is keyed by position), so they end in an error event."""
-        if sampling.temperature != 0 or exc.code() not in RETRYABLE or self.attempts > MAX_ATTEMPTS:
+        if sampling.temperature != 0 or not self._may_retry(exc):
             return None
         done = ([first_token] if first_token is not None else []) + emitted
         rest = pb.SamplingParams()

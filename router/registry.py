@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import Any
 
-from tusk.router.errors import bad_request, model_not_found
+from tusk.router.errors import APIError, bad_request, model_not_found
 from tusk.router.metrics import RouterMetrics
 from tusk.router.policies.base import Policy, WorkerState
 from tusk.router.prefix_index import PrefixIndex
@@ -54,8 +54,14 @@ class ModelRuntime:
         metrics: RouterMetrics,
         max_model_len: int | None = None,
         poll_interval_s: float = 0.5,
+        key: str | None = None,
+        aliases: tuple[str, ...] = (),
+        expect_model: frozenset[str] | None = None,
     ) -> None:
-        self.name = name
+        self.name = name  # what responses and metrics call the model
+        self.key = key or name  # unique in the registry (``namespace/ModelDeployment`` in a cluster)
+        self.aliases = aliases  # further names clients may ask for
+        self.expect_model = expect_model  # names a worker must report to be routed to (None: any)
         self.tokenizer = tokenizer
         self.block_size = block_size
         self.routing = routing
@@ -82,11 +88,29 @@ class ModelRuntime:
         self._policies[name] = policy
         return policy
 
+    def set_routing(self, routing: RoutingConfig) -> None:
+        """Switch to new routing settings live. Raises ValueError (and changes nothing) when they
+        do not build a policy, so a bad setting keeps the last good one serving. Unchanged
+        settings keep the policy objects, and with them what learning policies have learned."""
+        if routing == self.routing:
+            return
+        try:
+            policy = build_policy(routing.policy, self.index, routing)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"policy {routing.policy!r}: {exc}") from None
+        self.routing = routing
+        self._policies = {routing.policy: policy}
+        self.default_policy = policy
+        log.info("routing changed", extra={"model": self.key, "policy": routing.policy})
+
     def ready_states(self) -> list[WorkerState]:
         return [c.state for c in self.clients.values() if c.state.healthy]
 
-    def has_ready_worker(self) -> bool:
-        return any(c.state.healthy for c in self.clients.values())
+    def can_serve(self) -> bool:
+        """A request can complete: some healthy worker decodes (prefill-only workers cannot)."""
+        return any(c.state.healthy and c.state.can_decode for c in self.clients.values())
+
+    has_ready_worker = can_serve  # the request path's name for it
 
     def client(self, address: str) -> WorkerClient:
         return self.clients[address]
@@ -102,27 +126,40 @@ class ModelRuntime:
             poll_interval_s=self.poll_interval_s,
             kv_events=self.apply_kv_events if self.routing.kv_events else None,
             on_change=self._worker_changed,
+            expect_model=self.expect_model,
+            expect_block_size=self.block_size if self.expect_model is not None else None,
         )
         self.clients[address] = client
         client.start()
         log.info("worker added", extra={"model": self.name, "worker": address, "role": str(role)})
         return client
 
-    async def remove_worker(self, address: str, grace_s: float | None = None) -> None:
-        """Stop routing to a worker at once; its in-flight calls get ``grace_s`` to finish
-        (a pod that starts terminating drains its streams; cutting them would fail clients)."""
+    def detach_worker(self, address: str, grace_s: float) -> None:
+        """Stop routing to a worker at once (synchronously, so discovery applies events in
+        order); its in-flight calls get ``grace_s`` to finish in the background (a pod that
+        starts terminating drains its streams; cutting them would fail clients)."""
         client = self.clients.pop(address, None)
         if client is None:
             return
-        self.index.remove_worker(client.worker_id)
-        self.metrics.forget_worker(self.name, address)
-        log.info("worker removed", extra={"model": self.name, "worker": address})
+        self._forget(client)
+        task = asyncio.get_running_loop().create_task(client.close(grace_s))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def remove_worker(self, address: str, grace_s: float | None = None) -> None:
+        """Stop routing to a worker and close its channel (after ``grace_s``, in the background)."""
         if grace_s:
-            task = asyncio.get_running_loop().create_task(client.close(grace_s))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-        else:
+            self.detach_worker(address, grace_s)
+            return
+        client = self.clients.pop(address, None)
+        if client is not None:
+            self._forget(client)
             await client.close()
+
+    def _forget(self, client: WorkerClient) -> None:
+        self.index.remove_worker(client.worker_id)
+        self.metrics.forget_worker(self.name, client.address)
+        log.info("worker removed", extra={"model": self.key, "worker": client.address})
 
     async def close(self) -> None:
         for address in list(self.clients):
@@ -149,17 +186,54 @@ class ModelRuntime:
 
 
 class ModelRegistry:
+    """Models by key. Clients may also ask by a model's served names (``aliases``); a served
+    name that two models share (two namespaces serving "llama") is ambiguous and answered with
+    an error naming the keys to use instead, so the two never merge."""
+
     def __init__(self) -> None:
         self.models: dict[str, ModelRuntime] = {}
 
     def get(self, name: str) -> ModelRuntime:
         runtime = self.models.get(name)
-        if runtime is None:
-            raise model_not_found(name)
-        return runtime
+        if runtime is not None:
+            return runtime
+        matches = self.serving(name)
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            keys = ", ".join(sorted(m.key for m in matches))
+            raise APIError(
+                400,
+                f"The model {name!r} is served by several deployments ({keys}); ask for one of them.",
+                param="model",
+                code="model_ambiguous",
+            )
+        raise model_not_found(name)
+
+    def serving(self, name: str) -> list[ModelRuntime]:
+        """Models that answer to ``name`` besides their key."""
+        return [rt for rt in self.models.values() if name in rt.aliases]
+
+    def public_names(self) -> list[str]:
+        """The names to list in /v1/models: each model's served names where unambiguous, and
+        its key otherwise (a model may be asked for by either)."""
+        names: list[str] = []
+        for rt in self.models.values():
+            unique = [a for a in rt.aliases if len(self.serving(a)) == 1 and a not in self.models]
+            names.extend(unique or [rt.key])
+        return names
+
+    def can_serve(self) -> bool:
+        return any(rt.can_serve() for rt in self.models.values())
 
     def add(self, runtime: ModelRuntime) -> None:
-        self.models[runtime.name] = runtime
+        self.models[runtime.key] = runtime
+
+    async def remove(self, key: str) -> None:
+        runtime = self.models.pop(key, None)
+        if runtime is not None:
+            log.info("model removed", extra={"model": key})
+            await runtime.close()
 
     async def close(self) -> None:
         for runtime in self.models.values():

@@ -46,6 +46,8 @@ class WorkerClient:
         rpc_timeout_s: float = 2.0,
         kv_events: KvEventSink | None = None,
         on_change: Callable[[WorkerClient], None] | None = None,
+        expect_model: frozenset[str] | None = None,
+        expect_block_size: int | None = None,
     ) -> None:
         self.address = address
         self.state = WorkerState(worker_id=address, address=address, role=role, healthy=False)
@@ -55,11 +57,14 @@ class WorkerClient:
         self.rpc_timeout_s = rpc_timeout_s
         self.model_name: str | None = None
         self.block_size: int | None = None
+        self.expect_model = expect_model
+        self.expect_block_size = expect_block_size
+        self.mismatch: str | None = None  # why the worker is not what discovery expected
         self._kv_events = kv_events
         self._on_change = on_change
         self._tasks: list[asyncio.Task[None]] = []
+        self._kv_task: asyncio.Task[None] | None = None
         self._closed = False
-        self._kv_started = False
         self._slow_polls = 0
 
     @property
@@ -73,9 +78,10 @@ class WorkerClient:
         """Stop polling and close the channel; with ``grace_s``, calls still running (a
         draining worker finishing its streams) get that long before they are cancelled."""
         self._closed = True
-        for task in self._tasks:
+        tasks = self._tasks + ([self._kv_task] if self._kv_task is not None else [])
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.channel.close(grace=grace_s)
@@ -88,8 +94,34 @@ class WorkerClient:
             self._changed()
 
     def _changed(self) -> None:
+        if not self.state.healthy:
+            # The model forgets what an unhealthy worker held (it may come back empty); drop the
+            # feed too, so coming back starts a new subscription, whose snapshot restores the
+            # entries that are still true.
+            self._stop_kv_feed()
         if self._on_change is not None:
             self._on_change(self)
+
+    def _stop_kv_feed(self) -> None:
+        if self._kv_task is not None:
+            self._kv_task.cancel()  # applies no further batch: the loop is single-threaded
+            self._kv_task = None
+
+    def _check_identity(self, model: str, block_size: int) -> bool:
+        """Is this the worker discovery expects? A pod that serves another model or block size
+        (a wrong image, a stale pod, a pod posing as a worker) must not get its traffic."""
+        problem = None
+        if self.expect_model is not None and model not in self.expect_model:
+            problem = f"serves model {model!r}, expected one of {sorted(self.expect_model)}"
+        elif self.expect_block_size is not None and block_size != self.expect_block_size:
+            problem = f"uses block size {block_size}, expected {self.expect_block_size}"
+        if problem != self.mismatch:
+            self.mismatch = problem
+            if problem:
+                log.warning(
+                    "worker is not what discovery expects", extra={"worker": self.address, "error": problem}
+                )
+        return problem is None
 
     async def check_health(self) -> bool:
         reply = await self.stub.Health(pb.HealthRequest(), timeout=self.rpc_timeout_s)
@@ -99,7 +131,8 @@ class WorkerClient:
             self.model_name = reply.model
         if reply.block_size:
             self.block_size = reply.block_size
-        return reply.status == pb.HealthResponse.STATUS_SERVING
+        identity_ok = self._check_identity(reply.model, reply.block_size)
+        return reply.status == pb.HealthResponse.STATUS_SERVING and identity_ok
 
     async def poll_once(self) -> None:
         """Refresh health and load. A refused connection or a NOT_SERVING/DRAINING answer marks
@@ -130,14 +163,14 @@ class WorkerClient:
             s.total_blocks = report.total_blocks
             s.prefill_tokens_per_s = report.prefill_tokens_per_s
             s.decode_step_s = report.decode_step_s
-        if serving and self._kv_events is not None and not self._kv_started:
-            # Start the feed once the worker's id is known: the index is keyed by it.
-            self._kv_started = True
-            self._tasks.append(asyncio.create_task(self._kv_event_loop(), name=f"kv {self.address}"))
         if serving != self.state.healthy:
             log.info("worker health changed", extra={"worker": self.address, "healthy": serving})
             self.state.healthy = serving
             self._changed()
+        if serving and self._kv_events is not None and self._kv_task is None and not self._closed:
+            # Start the feed once the worker's id is known (the index is keyed by it), and again
+            # each time the worker comes back from being unhealthy.
+            self._kv_task = asyncio.create_task(self._kv_event_loop(), name=f"kv {self.address}")
 
     async def _poll_loop(self) -> None:
         while not self._closed:
@@ -149,6 +182,7 @@ class WorkerClient:
         assert self._kv_events is not None
         backoff = 0.2
         while not self._closed:
+            call = None
             try:
                 # Each subscription starts with a snapshot (CLEARED + STORED), so after a gap in
                 # the sequence the cure is to subscribe again, not to guess what was lost.
@@ -173,6 +207,9 @@ class WorkerClient:
                 raise
             except Exception:  # a bad batch must not kill the feed
                 log.exception("KV event feed failed", extra={"worker": self.address})
+            finally:
+                if call is not None:
+                    call.cancel()  # also when this feed is cancelled: the worker drops the stream
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 

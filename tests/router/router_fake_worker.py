@@ -28,6 +28,11 @@ class FakeWorkerState:
     reject_longer_than: int | None = None  # INVALID_ARGUMENT for longer prompts
     continue_script: bool = False  # a prompt ending in script[:k] continues at script[k] (greedy)
     serving: bool = True
+    kv_snapshot: bool = False  # each StreamKvEvents starts with CLEARED + STORED, as real workers do
+    prefill_delay_s: float = 0.0
+    after_finish: list[int] = field(default_factory=list)  # tokens a buggy worker sends after finishing
+    reject_code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT  # for reject_longer_than
+    stored_hashes: list[int] = field(default_factory=list)
     health_delay_s: float = 0.0
     tokenizer_dir: Path | None = None
     generate_calls: list[pb.GenerateRequest] = field(default_factory=list)
@@ -49,11 +54,12 @@ class FakeWorker(rpc.WorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "fake worker refuses")
         limit = self.s.reject_longer_than
         if limit is not None and len(prompt) > limit:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt longer than {limit} tokens")
+            await context.abort(self.s.reject_code, f"prompt longer than {limit} tokens")
 
     def _stored(self, prompt: list[int]) -> None:
         hashes = block_hashes(prompt, self.s.block_size)
         if hashes:
+            self.s.stored_hashes.extend(hashes)
             self.s.sequence += 1
             event = pb.KvEvent(kind=pb.KvEvent.KIND_STORED, medium=pb.KV_MEDIUM_DEVICE, block_hashes=hashes)
             self.s.kv_queue.put_nowait(
@@ -98,6 +104,8 @@ class FakeWorker(rpc.WorkerServicer):
                     )
                     first = False
                 yield msg
+            if self.s.after_finish:
+                yield pb.GenerateResponse(token_ids=self.s.after_finish)
         except asyncio.CancelledError:
             self.s.aborted_streams += 1
             raise
@@ -107,6 +115,8 @@ class FakeWorker(rpc.WorkerServicer):
         self.s.prefill_calls.append(request)
         prompt = list(request.prompt_token_ids)
         await self._check(prompt, context)
+        if self.s.prefill_delay_s:
+            await asyncio.sleep(self.s.prefill_delay_s)
         hashes = block_hashes(prompt, self.s.block_size)
         self._stored(prompt)
         return pb.PrefillResponse(
@@ -128,6 +138,19 @@ class FakeWorker(rpc.WorkerServicer):
 
     async def StreamKvEvents(self, request, context):  # noqa: N802
         self.s.subscriptions += 1
+        if self.s.kv_snapshot:
+            yield pb.KvEventBatch(
+                worker_id=self.s.worker_id,
+                sequence=self.s.sequence,
+                events=[
+                    pb.KvEvent(kind=pb.KvEvent.KIND_CLEARED, medium=pb.KV_MEDIUM_DEVICE),
+                    pb.KvEvent(
+                        kind=pb.KvEvent.KIND_STORED,
+                        medium=pb.KV_MEDIUM_DEVICE,
+                        block_hashes=self.s.stored_hashes,
+                    ),
+                ],
+            )
         while True:
             yield await self.s.kv_queue.get()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -189,3 +190,80 @@ def test_greedy_request_continues_on_another_worker_after_a_mid_stream_crash(har
     assert list(moved.prompt_token_ids) == original + dying.s.script[:3]
     assert moved.sampling.max_tokens == dying.s.generate_calls[0].sampling.max_tokens - 3
     assert usage.completion_tokens == len(good.s.script)
+
+
+def _total_calls(workers) -> int:
+    return sum(len(w.s.generate_calls) + len(w.s.prefill_calls) for w in workers)
+
+
+@pytest.mark.parametrize("code", ["INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"])
+def test_a_request_the_worker_rejects_is_not_retried_elsewhere(harness, code) -> None:
+    import grpc
+
+    workers = [
+        harness.worker(reject_longer_than=0, reject_code=getattr(grpc.StatusCode, code)) for _ in range(3)
+    ]
+    _, url = harness.router([e for _, e in workers])
+    resp = httpx.post(f"{url}/v1/chat/completions", json=BODY)
+    assert resp.status_code == 400, resp.text
+    assert "longer than" in resp.json()["error"]["message"]
+    assert _total_calls([w for w, _ in workers]) == 1
+
+
+def test_an_engine_error_is_not_retried_elsewhere(harness) -> None:
+    import grpc
+
+    workers = [harness.worker(reject_longer_than=0, reject_code=grpc.StatusCode.INTERNAL) for _ in range(3)]
+    _, url = harness.router([e for _, e in workers])
+    resp = httpx.post(f"{url}/v1/chat/completions", json=BODY)
+    assert resp.status_code == 502, resp.text
+    assert _total_calls([w for w, _ in workers]) == 1
+
+
+def test_a_poison_request_takes_out_at_most_one_more_worker(harness) -> None:
+    """Every worker dies while running the request: the first crash may be a coincidence and is
+    retried once; the second ends the request, so the third worker never sees it."""
+    workers = [harness.worker(die_after_tokens=0) for _ in range(3)]
+    _, url = harness.router([e for _, e in workers])
+    resp = httpx.post(f"{url}/v1/chat/completions", json=BODY, timeout=30)
+    assert resp.status_code == 502, resp.text
+    assert "not trying another" in resp.json()["error"]["message"]
+    assert sorted(len(w.s.generate_calls) for w, _ in workers) == [0, 1, 1]
+
+
+def test_nothing_after_a_finish_reason_reaches_the_client(harness) -> None:
+    _, endpoint = harness.worker(after_finish=harness.script(" and more"))
+    _, url = harness.router([endpoint])
+    resp = httpx.post(f"{url}/v1/chat/completions", json=BODY)
+    assert resp.json()["choices"][0]["message"]["content"] == REPLY
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**BODY, "stream": True}) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    text = "".join(
+        c["delta"].get("content") or "" for ln in lines[:-1] for c in json.loads(ln[6:])["choices"]
+    )
+    assert text == REPLY and lines[-1] == "data: [DONE]"
+
+
+@pytest.mark.parametrize("disaggregated", [False, True], ids=["aggregated", "prefill-worker"])
+def test_a_stream_abandoned_before_its_first_token_cancels_the_worker_at_once(harness, disaggregated) -> None:
+    """The first token would take 30 s; the client gives up after half a second, and the worker
+    hears of it right then, not when the token finally comes."""
+    if disaggregated:
+        slow, ep = harness.worker(role="prefill", prefill_delay_s=30)
+        _, ed = harness.worker(role="decode")
+        endpoints = [ep, ed]
+    else:
+        slow, ed = harness.worker(token_delay_s=30)
+        endpoints = [ed]
+    router, url = harness.router(endpoints)
+    body = {**BODY, "stream": True}
+    with (
+        pytest.raises(httpx.TimeoutException),
+        httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=0.5),
+    ):
+        pass
+    calls = slow.s.prefill_calls if disaggregated else slow.s.generate_calls
+    _wait(lambda: slow.s.cancels, timeout=10)
+    assert slow.s.cancels == [calls[0].request_id]
+    _wait(lambda: router.api.inflight == 0)
+    assert all(c.state.inflight == 0 for c in router.registry.get(MODEL).clients.values())
