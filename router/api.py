@@ -75,12 +75,17 @@ class RouterAPI:
     # -- simple endpoints ------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        """Readiness: 200 when every served model has at least one ready worker."""
-        models = {name: rt.has_ready_worker() for name, rt in self.registry.models.items()}
-        ready = bool(models) and all(models.values()) and not self.draining
+        """Readiness: 200 when some model can serve (a healthy worker that decodes; prefill-only
+        workers cannot finish a request). One model without workers (scaled to zero, rolling
+        out) must not take the router, and every other model with it, out of its Service."""
+        models = {name: rt.can_serve() for name, rt in self.registry.models.items()}
+        ready = any(models.values()) and not self.draining
         body = {
             "status": "ok" if ready else "unavailable",
-            "models": {n: {"ready_workers": len(self.registry.models[n].ready_states())} for n in models},
+            "models": {
+                n: {"ready_workers": len(self.registry.models[n].ready_states()), "can_serve": ok}
+                for n, ok in models.items()
+            },
         }
         return _json(body, 200 if ready else 503)
 

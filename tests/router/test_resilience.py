@@ -267,3 +267,15 @@ def test_a_stream_abandoned_before_its_first_token_cancels_the_worker_at_once(ha
     assert slow.s.cancels == [calls[0].request_id]
     _wait(lambda: router.api.inflight == 0)
     assert all(c.state.inflight == 0 for c in router.registry.get(MODEL).clients.values())
+
+
+def test_health_is_not_ready_with_only_a_prefill_worker_left(harness) -> None:
+    _, ep = harness.worker(role="prefill")
+    decode, ed = harness.worker(role="decode")
+    router, url = harness.router([ep, ed])
+    assert httpx.get(f"{url}/health").json()["models"][MODEL]["can_serve"] is True
+    harness.kill(decode)
+    _wait(lambda: httpx.get(f"{url}/health").status_code == 503)
+    body = httpx.get(f"{url}/health").json()
+    assert body["models"][MODEL] == {"ready_workers": 1, "can_serve": False}
+    assert httpx.post(f"{url}/v1/chat/completions", json=BODY).status_code == 503
