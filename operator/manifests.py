@@ -51,7 +51,7 @@ def crd() -> dict[str, Any]:
                 "plural": schema.PLURAL,
                 "singular": schema.SINGULAR,
                 "shortNames": list(schema.SHORT_NAMES),
-                "categories": ["tusk", "all"],
+                "categories": ["tusk"],
             },
             "versions": [
                 {

@@ -1,13 +1,22 @@
-"""The OpenAPI v3 schema of the ModelDeployment custom resource.
+"""The OpenAPI v3 schema of the ModelDeployment custom resource, generated from ``tusk.operator.spec``.
 
-Kept as plain Python data so the CRD, the docs example and the operator's defaults come from one
-definition: the API server applies these defaults before the operator ever sees an object, and
-``tusk.operator.spec`` reads the same field names.
+The spec's pydantic models are the one definition of every field, default and bound; this module
+turns them into the structural schema the API server wants, so the CRD and the operator cannot
+disagree. The API server checks what this produces in ways an emulator does not: every CEL rule
+must hold on every ``default`` as written (nested defaults are not filled in first), so rules
+guard optional fields with ``has()`` and bounds are plain ``minimum``/``maximum`` where possible.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import types
+import typing
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+from tusk.operator import spec
 
 GROUP = "tusk.dev"
 VERSION = "v1alpha1"
@@ -16,270 +25,155 @@ PLURAL = "modeldeployments"
 SINGULAR = "modeldeployment"
 SHORT_NAMES = ["md"]
 
-ACCELERATORS = ["nvidia", "amd", "intel", "cpu"]
-DTYPES = ["auto", "float32", "float16", "bfloat16"]
-MAXMEMORY_POLICIES = [
-    "allkeys-lru",
-    "allkeys-lfu",
-    "allkeys-random",
-    "volatile-lru",
-    "volatile-lfu",
-    "noeviction",
-]
-# Model sources: the embedded tiny model, a Hugging Face repo, a PVC, a model image, or a path in the image.
-MODEL_SOURCE_PATTERN = (
-    r"^(tiny|hf://[^/@\s]+/[^/@\s]+(@[^\s]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/\S*)?|image://\S+|/\S*)$"
-)
+# Re-exported: the spec module is where they are defined.
+ACCELERATORS = list(spec.ACCELERATORS)
+DTYPES = list(spec.DTYPES)
+MAXMEMORY_POLICIES = list(spec.MAXMEMORY_POLICIES)
+MODEL_SOURCE_PATTERN = spec.MODEL_SOURCE_PATTERN
 # Longest ModelDeployment name whose children ("<name>-prefill-pdb" ...) still fit a 63-char DNS label.
 MAX_NAME_LENGTH = 48
 
-
-def _str(description: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "string", "description": description, **extra}
-
-
-def _int(description: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "integer", "format": "int32", "description": description, **extra}
+# Keys of json_schema_extra that steer generation and never reach the CRD.
+_PRIVATE_KEYS = {"maximumReason"}
 
 
-def _secret_ref(description: str, default_key: str) -> dict[str, Any]:
+def _constraints(node: dict[str, Any], metadata: list[Any]) -> None:
+    """Copy pydantic/annotated-types constraints onto an OpenAPI node."""
+    is_string = node.get("type") == "string"
+    is_array = node.get("type") == "array"
+    for item in metadata:
+        if isinstance(item, FieldInfo):
+            _constraints(node, list(item.metadata))
+            if isinstance(item.json_schema_extra, dict):
+                node.update(item.json_schema_extra)
+            continue
+        for attr, key in (("ge", "minimum"), ("le", "maximum")):
+            if getattr(item, attr, None) is not None:
+                node[key] = getattr(item, attr)
+        for attr, key in (("gt", "minimum"), ("lt", "maximum")):
+            if getattr(item, attr, None) is not None:
+                node[key] = getattr(item, attr)
+                node[f"exclusive{key.capitalize()}"] = True
+        if getattr(item, "min_length", None) is not None:
+            node["minItems" if is_array else "minLength"] = item.min_length
+        if getattr(item, "max_length", None) is not None:
+            node["maxItems" if is_array else "maxLength"] = item.max_length
+        if is_string and getattr(item, "pattern", None) is not None:
+            node["pattern"] = item.pattern
+
+
+def _type_node(annotation: Any) -> dict[str, Any]:
+    """The OpenAPI node of a Python type (constraints aside)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        node = _type_node(args[0])
+        _constraints(node, list(args[1:]))
+        return node
+    if origin in (types.UnionType, typing.Union):
+        present = [a for a in args if a is not type(None)]
+        if set(present) == {int, str}:
+            return {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}
+        if len(present) != 1:
+            raise TypeError(f"no OpenAPI form for {annotation}")
+        return _type_node(present[0])
+    if origin is Literal:
+        kinds = {type(a) for a in args}
+        if kinds != {str}:
+            raise TypeError(f"only string enums are supported: {annotation}")
+        return {"type": "string", "enum": list(args)}
+    if origin is dict:
+        value = args[1] if args else Any
+        if value is Any:
+            return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+        return {"type": "object", "additionalProperties": _type_node(value)}
+    if origin is list:
+        item = args[0] if args else Any
+        return {"type": "array", "items": _type_node(item)}
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return object_schema(annotation)
+    simple = {
+        bool: {"type": "boolean"},
+        int: {"type": "integer", "format": "int32"},
+        float: {"type": "number"},
+    }
+    simple[str] = {"type": "string"}
+    if annotation in simple:
+        return dict(simple[annotation])
+    if annotation is Any:
+        return {"x-kubernetes-preserve-unknown-fields": True}
+    raise TypeError(f"no OpenAPI form for {annotation}")
+
+
+def _default(info: FieldInfo) -> Any:
+    """The CRD default of a field: what the user would have to write to get the pydantic default.
+
+    A nested model's default is written as the fields set explicitly (``{}`` for a default
+    instance), so the API server fills the rest from the nested defaults, as pydantic does.
+    Empty lists and maps get no default: absent and empty mean the same to the operator.
+    """
+    value = info.get_default(call_default_factory=True)
+    if value is PydanticUndefined or value is None:
+        return None
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    if isinstance(value, list | dict) and not value:
+        return None
+    return value
+
+
+def _maximum_rule(key: str, limit: Any, reason: str) -> dict[str, str]:
     return {
-        "type": "object",
-        "description": description,
-        "required": ["name"],
-        "properties": {
-            "name": _str("Secret name, in the ModelDeployment's namespace.", minLength=1),
-            "key": _str("Key inside the Secret.", default=default_key, minLength=1),
-        },
+        "rule": f"!has(self.{key}) || self.{key} <= {limit}",
+        "message": f"{key} must be at most {limit}: {reason}",
+        "fieldPath": f".{key}",
+        "reason": spec.CEL_FORBIDDEN,
     }
 
 
-_QUANTITY = {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}
-
-_RESOURCES = {
-    "type": "object",
-    "description": "Container resources, as in a Pod. The accelerator resource is added to limits.",
-    "properties": {
-        "limits": {"type": "object", "additionalProperties": _QUANTITY},
-        "requests": {"type": "object", "additionalProperties": _QUANTITY},
-    },
-}
-
-_TOLERATION = {
-    "type": "object",
-    "properties": {
-        "key": {"type": "string"},
-        "operator": {"type": "string", "enum": ["Exists", "Equal"]},
-        "value": {"type": "string"},
-        "effect": {"type": "string", "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
-        "tolerationSeconds": {"type": "integer", "format": "int64"},
-    },
-}
-
-_ENV_VAR = {
-    "type": "object",
-    "required": ["name"],
-    "properties": {
-        "name": {"type": "string", "minLength": 1},
-        "value": {"type": "string"},
-        "valueFrom": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-    },
-}
-
-
-def _role(name: str, default_replicas: int, minimum: int) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "description": f"The {name} workers.",
-        "default": {},
-        "properties": {
-            "replicas": _int(f"Number of {name} worker pods.", default=default_replicas),
-            "accelerator": _str(
-                "Accelerator vendor; sets the device resource and node selector.",
-                enum=ACCELERATORS,
-                default="cpu",
-            ),
-            "acceleratorsPerReplica": _int("Devices per worker pod (ignored for cpu).", default=1, minimum=1),
-            "resources": _RESOURCES,
-            "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
-            "tolerations": {"type": "array", "items": _TOLERATION},
-            "affinity": {
-                "type": "object",
-                "description": "Pod affinity rules, as in a Pod spec.",
-                "x-kubernetes-preserve-unknown-fields": True,
-            },
-            "env": {"type": "array", "items": _ENV_VAR},
-            "image": _str("Worker image for this role; defaults to spec.image, then the operator's default."),
-            "imagePullSecrets": {
-                "type": "array",
-                "description": "Secrets for pulling the worker image, as in a Pod spec.",
-                "items": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
-            },
-            "serviceAccountName": _str("ServiceAccount the worker pods run as."),
-            "priorityClassName": _str("PriorityClass of the worker pods."),
-            "runtimeClassName": _str("RuntimeClass of the worker pods (e.g. nvidia)."),
-            "topologySpreadConstraints": {
-                "type": "array",
-                "description": "Topology spread constraints, as in a Pod spec.",
-                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-            },
-            "volumes": {
-                "type": "array",
-                "description": "Extra pod volumes, as in a Pod spec.",
-                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-            },
-            "volumeMounts": {
-                "type": "array",
-                "description": "Extra volume mounts of the worker container.",
-                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-            },
-            "podTemplate": {
-                "type": "object",
-                "description": "Strategic-merge patch applied last onto the generated pod template.",
-                "x-kubernetes-preserve-unknown-fields": True,
-            },
-            "rollout": {
-                "type": "object",
-                "default": {},
-                "properties": {
-                    "maxSurge": {"x-kubernetes-int-or-string": True, "default": 0},
-                    "maxUnavailable": {"x-kubernetes-int-or-string": True, "default": 1},
-                },
-            },
-        },
-        "x-kubernetes-validations": [
-            {
-                "rule": f"self.replicas >= {minimum}",
-                "message": f"{name}.replicas must be at least {minimum}",
-                "fieldPath": ".replicas",
-            }
-        ],
-    }
+def object_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The structural schema of one spec model: typed properties, defaults and CEL rules."""
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    rules = list((model.model_config.get("json_schema_extra") or {}).get("x-kubernetes-validations", []))
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        node = _type_node(info.annotation)
+        _constraints(node, list(info.metadata))
+        if isinstance(info.json_schema_extra, dict):
+            node.update({k: v for k, v in info.json_schema_extra.items() if k not in _PRIVATE_KEYS})
+            if "maximumReason" in info.json_schema_extra:
+                rules.append(_maximum_rule(key, node["maximum"], info.json_schema_extra["maximumReason"]))
+        if info.description:
+            node["description"] = info.description
+        if info.is_required():
+            required.append(key)
+        else:
+            default = _default(info)
+            if default is not None:
+                node["default"] = default
+        properties[key] = node
+    out: dict[str, Any] = {"type": "object"}
+    if model.__doc__:
+        out["description"] = " ".join(model.__doc__.split())
+    if required:
+        out["required"] = required
+    out["properties"] = properties
+    if rules:
+        out["x-kubernetes-validations"] = rules
+    return out
 
 
 def spec_schema() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": ["model"],
-        "properties": {
-            "model": {
-                "type": "object",
-                "required": ["source"],
-                "properties": {
-                    "source": _str(
-                        "tiny | hf://ORG/NAME[@REVISION] | pvc://CLAIM[/SUBPATH] | image://IMAGE | /absolute/path",
-                        pattern=MODEL_SOURCE_PATTERN,
-                    ),
-                    "tokenSecretRef": _secret_ref("Hugging Face token for hf:// sources.", "token"),
-                    "imagePath": _str(
-                        "Folder holding the model inside an image:// source.", default="/model"
-                    ),
-                    "cache": {
-                        "type": "object",
-                        "default": {},
-                        "properties": {
-                            "sizeLimit": {**_QUANTITY, "default": "20Gi"},
-                            "persistentVolumeClaim": _str("Shared model-cache PVC."),
-                        },
-                    },
-                },
-                "x-kubernetes-validations": [
-                    {
-                        "rule": "!has(self.tokenSecretRef) || self.source.startsWith('hf://')",
-                        "message": "model.tokenSecretRef is only used with hf:// sources",
-                    }
-                ],
-            },
-            "servedModelNames": {
-                "type": "array",
-                "description": "Names clients use in the OpenAI API; defaults to the ModelDeployment name.",
-                "items": {"type": "string", "minLength": 1},
-                "x-kubernetes-list-type": "set",
-            },
-            "tokenizer": _str("Tokenizer folder or hf:// id, when it differs from the model."),
-            "dtype": _str("Weights and activations dtype.", enum=DTYPES, default="auto"),
-            "maxModelLen": _int("Longest sequence (prompt + output) in tokens.", minimum=1),
-            "blockSize": _int(
-                "KV block size in tokens; must match across roles.", default=16, minimum=1, maximum=1024
-            ),
-            "image": _str("Worker image; defaults to the operator's --worker-image."),
-            "engine": {
-                "type": "object",
-                "description": "Engine knobs passed to every worker.",
-                "properties": {
-                    "maxNumSeqs": _int("Concurrent sequences per worker.", minimum=1),
-                    "maxNumBatchedTokens": _int("Tokens per engine step.", minimum=1),
-                    "kvCacheMemoryFraction": {"type": "number", "minimum": 0.05, "maximum": 1},
-                    "kernelBackend": _str("Force a tusk.kernels backend (torch, triton)."),
-                },
-            },
-            "prefill": _role("prefill", 0, 0),
-            "decode": _role("decode", 1, 1),
-            "kvTier": {
-                "type": "object",
-                "description": "Shared KV block tier: a managed Valkey, an external Redis-compatible URL, or none ({}).",
-                "default": {"managed": {}},
-                "properties": {
-                    "managed": {
-                        "type": "object",
-                        "properties": {
-                            "replicas": _int(
-                                "0 stops the tier; one server per deployment.", default=1, minimum=0
-                            ),
-                            "memory": {
-                                **_QUANTITY,
-                                "description": "Memory limit of the server; maxmemory is set to 80% of it.",
-                                "default": "1Gi",
-                            },
-                            "maxmemoryPolicy": _str(
-                                "Eviction policy.", enum=MAXMEMORY_POLICIES, default="allkeys-lru"
-                            ),
-                            "image": _str("Server image.", default="valkey/valkey:8.1.4"),
-                        },
-                        "x-kubernetes-validations": [
-                            {
-                                "rule": "self.replicas <= 1",
-                                "message": "kvTier.managed runs at most one server; use kvTier.external for a cluster",
-                            }
-                        ],
-                    },
-                    "external": {
-                        "type": "object",
-                        "required": ["url"],
-                        "properties": {
-                            "url": _str(
-                                "redis://, rediss://, valkey:// or unix:// URL without the password.",
-                                pattern=r"^(redis|rediss|valkey|valkeys|unix)://\S+$",
-                            ),
-                            "secretRef": _secret_ref("Secret holding the tier password.", "password"),
-                        },
-                    },
-                },
-                "x-kubernetes-validations": [
-                    {
-                        "rule": "!(has(self.managed) && has(self.external))",
-                        "message": "kvTier: set either external (url) or managed, not both",
-                    }
-                ],
-            },
-            "routing": {
-                "type": "object",
-                "default": {},
-                "properties": {
-                    "policy": _str("Router policy for this model.", default="cost", minLength=1),
-                    "disaggregationThreshold": _int(
-                        "Uncached prompt tokens above which prefill runs on a prefill worker; unset = tuned online.",
-                        minimum=0,
-                    ),
-                },
-            },
-            "paused": {
-                "type": "boolean",
-                "default": False,
-                "description": "Stop changing children (no rollouts, no drift repair); status is still reported.",
-            },
-        },
-    }
+    return object_schema(spec.ModelDeploymentSpec)
+
+
+def _str(description: str) -> dict[str, Any]:
+    return {"type": "string", "description": description}
+
+
+def _int(description: str) -> dict[str, Any]:
+    return {"type": "integer", "format": "int32", "description": description}
 
 
 def _role_status() -> dict[str, Any]:
@@ -298,8 +192,9 @@ def _role_status() -> dict[str, Any]:
 def status_schema() -> dict[str, Any]:
     return {
         "type": "object",
+        "description": "What the operator observed; written by the operator only.",
         "properties": {
-            "phase": _str("Pending, Progressing, Ready, Degraded or Paused."),
+            "phase": _str("Pending, Progressing, Ready, ScaledToZero, Degraded or Paused."),
             "observedGeneration": {"type": "integer", "format": "int64"},
             "endpoint": _str("OpenAI-compatible base URL that serves this model."),
             "servedModelNames": {"type": "array", "items": {"type": "string"}},
@@ -332,6 +227,7 @@ def status_schema() -> dict[str, Any]:
 def resource_schema() -> dict[str, Any]:
     return {
         "type": "object",
+        "description": "A model served by tusk: prefill and decode workers, a KV tier and routing settings.",
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string"},
@@ -340,14 +236,18 @@ def resource_schema() -> dict[str, Any]:
             "spec": spec_schema(),
             "status": status_schema(),
         },
+        # Rules on metadata.name sit at the root (the schema may not describe metadata fields),
+        # so they carry no fieldPath; their messages name the field.
         "x-kubernetes-validations": [
             {
                 "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
                 "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters (child names add suffixes)",
+                "reason": spec.CEL_INVALID,
             },
             {
                 "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
                 "message": "metadata.name must be a DNS label starting with a letter (it names Services)",
+                "reason": spec.CEL_INVALID,
             },
         ],
     }

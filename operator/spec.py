@@ -1,18 +1,160 @@
-"""A typed view of a ModelDeployment's spec, with the CRD's defaults.
+"""The ModelDeployment spec: its fields, defaults and constraints, defined once.
 
-The API server applies the CRD defaults, but the operator must not depend on that (old objects,
-emulators, a CRD upgraded under existing objects), so the same defaults live here and a spec that
-the schema would accept always parses. Field names follow the CRD (camelCase aliases).
+These pydantic models are the single definition of the spec. The operator parses stored objects
+with them (it must not depend on the API server's defaulting: old objects, emulators, a CRD
+upgraded under existing objects), and ``tusk.operator.schema`` generates the CRD's OpenAPI schema
+from them, so a default or a bound cannot differ between the two. What only the CRD needs rides
+along in ``json_schema_extra``: Kubernetes item schemas of pass-through lists, and CEL rules
+(``x-kubernetes-validations``) whose Python twins are the model validators below.
+Field names follow the CRD (camelCase aliases).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from tusk.operator import schema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tusk.router.policies import POLICY_NAMES
 
-Accelerator = Literal["nvidia", "amd", "intel", "cpu"]
+from tusk.kernel_backends import KERNEL_BACKENDS
+
+ACCELERATORS = ("nvidia", "amd", "intel", "cpu")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+MAXMEMORY_POLICIES = (
+    "allkeys-lru",
+    "allkeys-lfu",
+    "allkeys-random",
+    "volatile-lru",
+    "volatile-lfu",
+    "noeviction",
+)
+Accelerator = Literal[ACCELERATORS]  # type: ignore[valid-type]
+PolicyName = Literal[POLICY_NAMES]  # type: ignore[valid-type]
+KernelBackend = Literal[KERNEL_BACKENDS]  # type: ignore[valid-type]
+
+# Model sources: the embedded tiny model, a Hugging Face repo (or one GGUF file in it), a PVC,
+# a model image, or a path in the image. A path or pvc:// path may name a .gguf file.
+MODEL_SOURCE_PATTERN = (
+    r"^(tiny"
+    r"|hf://[^/@\s]+/[^/@\s]+(@[^\s]+)?"
+    r"|hf://[^/@\s]+/[^/@\s]+/[^@\s]+\.gguf"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/\S*)?"
+    r"|image://\S+"
+    r"|/\S*)$"
+)
+# The Kubernetes quantity syntax (resource.Quantity), without a sign: 512Mi, 2Gi, 500m, 1e3.
+QUANTITY_PATTERN = (
+    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+PERCENT_PATTERN = r"^(100|[1-9]?[0-9])%$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+REDIS_URL_PATTERN = r"^(redis|rediss|valkey|valkeys|unix)://\S+$"
+
+# Upper bounds that catch typos (an extra zero, a byte count where tokens were meant).
+MAX_REPLICAS = 1000
+MAX_TOKENS = 1 << 20
+MAX_SEQS = 16384
+
+CEL_FORBIDDEN = "FieldValueForbidden"
+CEL_INVALID = "FieldValueInvalid"
+
+
+def _int_or_string(pattern: str, what: str) -> Any:
+    """An int-or-string field (a quantity, a surge count or percentage) checked as the CRD checks it."""
+
+    def check(value: int | str) -> int | str:
+        if isinstance(value, str) and not re.match(pattern, value):
+            raise ValueError(f"{value!r} is not {what}")
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"{value} must not be negative")
+        return value
+
+    return Annotated[
+        int | str,
+        AfterValidator(check),
+        Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": pattern}),
+    ]
+
+
+Quantity = _int_or_string(QUANTITY_PATTERN, "a Kubernetes quantity (e.g. 512Mi, 2Gi, 500m)")
+CountOrPercent = _int_or_string(PERCENT_PATTERN, "a count or a percentage (e.g. 1, 25%)")
+NonEmpty = Annotated[str, Field(min_length=1, max_length=253)]
+
+
+def _object_items(required: list[str], **properties: Any) -> dict[str, Any]:
+    """CRD item schema of a Kubernetes type passed through as is: the keys we know are typed,
+    the rest is kept."""
+    return {
+        "items": {
+            "type": "object",
+            "required": required,
+            "properties": properties,
+            "x-kubernetes-preserve-unknown-fields": True,
+        }
+    }
+
+
+_STRING = {"type": "string"}
+_TOLERATION_ITEMS = {
+    "items": {
+        "type": "object",
+        "properties": {
+            "key": _STRING,
+            "operator": {"type": "string", "enum": ["Exists", "Equal"]},
+            "value": _STRING,
+            "effect": {"type": "string", "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
+            "tolerationSeconds": {"type": "integer", "format": "int64"},
+        },
+    }
+}
+_ENV_ITEMS = {
+    "items": {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "minLength": 1},
+            "value": _STRING,
+            "valueFrom": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        },
+    }
+}
+_NAME_REF_ITEMS = {
+    "items": {
+        "type": "object",
+        "required": ["name"],
+        "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 253}},
+    }
+}
+_VOLUME_MOUNT_ITEMS = {
+    "items": {
+        "type": "object",
+        "required": ["name", "mountPath"],
+        "properties": {
+            "name": {"type": "string", "minLength": 1},
+            "mountPath": {"type": "string", "pattern": r"^/"},
+            "readOnly": {"type": "boolean"},
+            "subPath": _STRING,
+            "subPathExpr": _STRING,
+            "mountPropagation": {"type": "string", "enum": ["None", "HostToContainer", "Bidirectional"]},
+            "recursiveReadOnly": {"type": "string", "enum": ["Disabled", "IfPossible", "Enabled"]},
+        },
+    }
+}
+
+
+def at_most(limit: int, reason: str) -> dict[str, Any]:
+    """Field keywords for a bound that needs its reason in the error: ``le`` for pydantic and the
+    CRD's ``maximum``, plus the reason, which the CRD turns into a CEL rule message and
+    ``parse_spec`` into its error."""
+    return {"le": limit, "json_schema_extra": {"maximumReason": reason}}
+
+
+def cel_rules(*rules: dict[str, str]) -> ConfigDict:
+    """Model config carrying a class's CEL rules into the CRD (see tusk.operator.schema)."""
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": list(rules)})
 
 
 class _Spec(BaseModel):
@@ -20,22 +162,60 @@ class _Spec(BaseModel):
 
 
 class SecretRef(_Spec):
-    name: str = Field(min_length=1)
-    key: str = "token"
+    """A key in a Secret of the ModelDeployment's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN, description="Secret name.")
+    key: str = Field("token", min_length=1, description="Key inside the Secret.")
 
 
 class CacheSpec(_Spec):
     """Where hf:// downloads go: a size-limited emptyDir, or a shared PVC when one is named."""
 
-    size_limit: int | str = Field("20Gi", alias="sizeLimit")
-    persistent_volume_claim: str | None = Field(None, alias="persistentVolumeClaim")
+    size_limit: Quantity = Field(
+        "20Gi",
+        alias="sizeLimit",
+        description="Size limit (and ephemeral-storage request) of the per-pod download cache.",
+    )
+    persistent_volume_claim: str | None = Field(
+        None,
+        alias="persistentVolumeClaim",
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="A shared model-cache PVC (ReadWriteMany) used instead of the per-pod cache.",
+    )
 
 
 class ModelSource(_Spec):
-    source: str = Field(pattern=schema.MODEL_SOURCE_PATTERN)
-    token_secret_ref: SecretRef | None = Field(None, alias="tokenSecretRef")
-    image_path: str = Field("/model", alias="imagePath")
-    cache: CacheSpec = CacheSpec()
+    """The model to serve and how its files reach the workers."""
+
+    model_config = cel_rules(
+        {
+            "rule": "!has(self.tokenSecretRef) || self.source.startsWith('hf://')",
+            "message": "model.tokenSecretRef is only used with hf:// sources",
+            "fieldPath": ".tokenSecretRef",
+            "reason": CEL_FORBIDDEN,
+        }
+    )
+
+    source: str = Field(
+        max_length=1024,
+        pattern=MODEL_SOURCE_PATTERN,
+        description=(
+            "tiny | hf://ORG/NAME[@REVISION] | hf://ORG/NAME/FILE.gguf | pvc://CLAIM[/SUBPATH] | "
+            "image://IMAGE | /absolute/path (a folder, or a .gguf file). pvc:// claims are mounted "
+            "read-only: ReadOnlyMany or ReadWriteMany for more than one worker node."
+        ),
+    )
+    token_secret_ref: SecretRef | None = Field(
+        None, alias="tokenSecretRef", description="Hugging Face token for hf:// sources."
+    )
+    image_path: str = Field(
+        "/model",
+        alias="imagePath",
+        pattern=r"^/",
+        description="Folder holding the model inside an image:// source.",
+    )
+    cache: CacheSpec = Field(CacheSpec(), description="Download cache of hf:// sources.")
 
     @property
     def kind(self) -> Literal["tiny", "hf", "pvc", "image", "path"]:
@@ -43,6 +223,11 @@ class ModelSource(_Spec):
             if self.source.startswith(prefix):
                 return kind  # type: ignore[return-value]
         return "tiny" if self.source == "tiny" else "path"
+
+    @property
+    def is_gguf(self) -> bool:
+        """The source names one GGUF file rather than a model folder."""
+        return self.source.endswith(".gguf")
 
     @model_validator(mode="after")
     def _token_only_for_hf(self) -> ModelSource:
@@ -52,62 +237,214 @@ class ModelSource(_Spec):
 
 
 class Resources(_Spec):
-    limits: dict[str, int | str] = {}
-    requests: dict[str, int | str] = {}
+    """Container resources, as in a Pod. The accelerator resource is added to limits."""
+
+    limits: dict[str, Quantity] = {}
+    requests: dict[str, Quantity] = {}
 
 
 class RolloutSpec(_Spec):
     """Deployment rolling-update bounds; maxSurge 0 by default so a rollout needs no spare GPU."""
 
-    max_surge: int | str = Field(0, alias="maxSurge")
-    max_unavailable: int | str = Field(1, alias="maxUnavailable")
+    model_config = cel_rules(
+        {
+            "rule": (
+                "!has(self.maxSurge) || !has(self.maxUnavailable) || "
+                "!(string(self.maxSurge) in ['0', '0%'] && string(self.maxUnavailable) in ['0', '0%'])"
+            ),
+            "message": "rollout.maxSurge and rollout.maxUnavailable cannot both be 0",
+            "fieldPath": ".maxUnavailable",
+            "reason": CEL_INVALID,
+        }
+    )
+
+    max_surge: CountOrPercent = Field(
+        0, alias="maxSurge", description="Extra pods during a rollout (a count or a percentage)."
+    )
+    max_unavailable: CountOrPercent = Field(
+        1, alias="maxUnavailable", description="Pods that may be down during a rollout."
+    )
+
+    @model_validator(mode="after")
+    def _can_progress(self) -> RolloutSpec:
+        if str(self.max_surge) in ("0", "0%") and str(self.max_unavailable) in ("0", "0%"):
+            raise ValueError("rollout.maxSurge and rollout.maxUnavailable cannot both be 0")
+        return self
 
 
 class RoleSpec(_Spec):
-    replicas: int = 1
-    accelerator: Accelerator = "cpu"
-    accelerators_per_replica: int = Field(1, ge=1, le=1, alias="acceleratorsPerReplica")
-    resources: Resources = Resources()
-    node_selector: dict[str, str] = Field({}, alias="nodeSelector")
-    tolerations: list[dict[str, Any]] = []
-    affinity: dict[str, Any] | None = None
-    env: list[dict[str, Any]] = []
-    image: str | None = None
-    image_pull_secrets: list[dict[str, Any]] = Field([], alias="imagePullSecrets")
-    service_account_name: str | None = Field(None, alias="serviceAccountName")
-    priority_class_name: str | None = Field(None, alias="priorityClassName")
-    runtime_class_name: str | None = Field(None, alias="runtimeClassName")
-    topology_spread_constraints: list[dict[str, Any]] = Field([], alias="topologySpreadConstraints")
-    volumes: list[dict[str, Any]] = []
-    volume_mounts: list[dict[str, Any]] = Field([], alias="volumeMounts")
-    pod_template: dict[str, Any] = Field({}, alias="podTemplate")
-    rollout: RolloutSpec = RolloutSpec()
+    """One role's workers: how many, on which accelerator, and how their pods look."""
+
+    replicas: int = Field(1, ge=0, le=MAX_REPLICAS, description="Number of worker pods.")
+    accelerator: Accelerator = Field(
+        "cpu", description="Accelerator vendor; sets the device resource and the worker image."
+    )
+    accelerators_per_replica: int = Field(
+        1,
+        ge=1,
+        alias="acceleratorsPerReplica",
+        description="Devices per worker pod (ignored for cpu).",
+        **at_most(1, "tensor parallelism is not supported yet; use one device per worker"),
+    )
+    resources: Resources = Field(
+        Resources(),
+        description="Container resources, as in a Pod. The accelerator resource is added to limits.",
+    )
+    node_selector: dict[str, str] = Field({}, alias="nodeSelector", description="As in a Pod spec.")
+    tolerations: list[dict[str, Any]] = Field(
+        [], description="As in a Pod spec.", json_schema_extra=_TOLERATION_ITEMS
+    )
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity rules, as in a Pod spec.")
+    env: list[dict[str, Any]] = Field(
+        [], description="Extra environment of the worker container.", json_schema_extra=_ENV_ITEMS
+    )
+    image: str | None = Field(
+        None, description="Worker image for this role; defaults to spec.image, then the operator's default."
+    )
+    image_pull_secrets: list[dict[str, Any]] = Field(
+        [],
+        alias="imagePullSecrets",
+        description="Secrets for pulling the worker image, as in a Pod spec.",
+        json_schema_extra=_NAME_REF_ITEMS,
+    )
+    service_account_name: str | None = Field(
+        None,
+        alias="serviceAccountName",
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="ServiceAccount the worker pods run as.",
+    )
+    priority_class_name: str | None = Field(
+        None,
+        alias="priorityClassName",
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="PriorityClass of the worker pods.",
+    )
+    runtime_class_name: str | None = Field(
+        None,
+        alias="runtimeClassName",
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="RuntimeClass of the worker pods (e.g. nvidia).",
+    )
+    topology_spread_constraints: list[dict[str, Any]] = Field(
+        [],
+        alias="topologySpreadConstraints",
+        description="Topology spread constraints, as in a Pod spec.",
+        json_schema_extra=_object_items(
+            ["maxSkew", "topologyKey", "whenUnsatisfiable"],
+            maxSkew={"type": "integer", "format": "int32", "minimum": 1, "maximum": MAX_REPLICAS},
+            topologyKey={"type": "string", "minLength": 1},
+            whenUnsatisfiable={"type": "string", "enum": ["DoNotSchedule", "ScheduleAnyway"]},
+        ),
+    )
+    volumes: list[dict[str, Any]] = Field(
+        [],
+        description="Extra pod volumes, as in a Pod spec.",
+        json_schema_extra=_object_items(
+            ["name"], name={"type": "string", "maxLength": 63, "pattern": DNS_LABEL_PATTERN}
+        ),
+    )
+    volume_mounts: list[dict[str, Any]] = Field(
+        [],
+        alias="volumeMounts",
+        description="Extra volume mounts of the worker container.",
+        json_schema_extra=_VOLUME_MOUNT_ITEMS,
+    )
+    pod_template: dict[str, Any] = Field(
+        {},
+        alias="podTemplate",
+        description=(
+            "A strategic-merge patch applied last onto the generated pod template "
+            "(containers merge by name), for anything the fields above do not cover."
+        ),
+    )
+    rollout: RolloutSpec = Field(RolloutSpec(), description="Rolling-update bounds of the role's Deployment.")
+
+
+class PrefillSpec(RoleSpec):
+    """The prefill workers; none by default (decode workers then prefill for themselves)."""
+
+    replicas: int = Field(0, ge=0, le=MAX_REPLICAS, description="Number of prefill worker pods.")
+
+
+class DecodeSpec(RoleSpec):
+    """The decode workers; the scale subresource (kubectl scale, an HPA) sets their count."""
+
+    replicas: int = Field(
+        1, ge=0, le=MAX_REPLICAS, description="Number of decode worker pods; 0 scales the model to zero."
+    )
 
 
 class EngineSpec(_Spec):
-    max_num_seqs: int | None = Field(None, ge=1, alias="maxNumSeqs")
-    max_num_batched_tokens: int | None = Field(None, ge=1, alias="maxNumBatchedTokens")
-    kv_cache_memory_fraction: float | None = Field(None, gt=0, le=1, alias="kvCacheMemoryFraction")
-    kernel_backend: str | None = Field(None, alias="kernelBackend")
+    """Engine knobs passed to every worker; unset ones take the engine's defaults."""
+
+    max_num_seqs: int | None = Field(
+        None, ge=1, le=MAX_SEQS, alias="maxNumSeqs", description="Concurrent sequences per worker."
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, alias="maxNumBatchedTokens", description="Tokens per engine step."
+    )
+    kv_cache_memory_fraction: float | None = Field(
+        None,
+        ge=0.05,
+        le=1,
+        alias="kvCacheMemoryFraction",
+        description="Share of the device memory given to the KV cache.",
+    )
+    kernel_backend: KernelBackend | None = Field(
+        None, alias="kernelBackend", description="Force a tusk.kernels backend; unset picks per device."
+    )
 
 
 class ManagedTier(_Spec):
-    replicas: int = Field(1, ge=0, le=1)
-    memory: int | str = "1Gi"
-    maxmemory_policy: str = Field("allkeys-lru", alias="maxmemoryPolicy")
-    image: str = "valkey/valkey:8.1.4"
+    """A Valkey server the operator runs for this deployment."""
+
+    replicas: int = Field(
+        1,
+        ge=0,
+        description="0 stops the tier.",
+        **at_most(1, "kvTier.managed runs at most one server; use kvTier.external for a cluster"),
+    )
+    memory: Quantity = Field("1Gi", description="Memory limit of the server; maxmemory is set to 80% of it.")
+    maxmemory_policy: Literal[MAXMEMORY_POLICIES] = Field(  # type: ignore[valid-type]
+        "allkeys-lru", alias="maxmemoryPolicy", description="Eviction policy."
+    )
+    image: str = Field("valkey/valkey:8.1.4", min_length=1, description="Server image.")
 
 
 class PasswordRef(SecretRef):
-    key: str = "password"
+    """The Secret key holding the tier password."""
+
+    key: str = Field("password", min_length=1, description="Key inside the Secret.")
 
 
 class ExternalTier(_Spec):
-    url: str = Field(pattern=r"^(redis|rediss|valkey|valkeys|unix)://\S+$")
-    secret_ref: PasswordRef | None = Field(None, alias="secretRef")
+    """A Redis-compatible server run elsewhere."""
+
+    url: str = Field(
+        max_length=2048,
+        pattern=REDIS_URL_PATTERN,
+        description="redis://, rediss://, valkey://, valkeys:// or unix:// URL without the password.",
+    )
+    secret_ref: PasswordRef | None = Field(
+        None, alias="secretRef", description="Secret holding the tier password."
+    )
 
 
 class KVTierSpec(_Spec):
+    """Shared KV block tier: a managed Valkey, an external Redis-compatible URL, or none ({})."""
+
+    model_config = cel_rules(
+        {
+            "rule": "!(has(self.managed) && has(self.external))",
+            "message": "kvTier: set either external (url) or managed, not both",
+            "fieldPath": ".external",
+            "reason": CEL_FORBIDDEN,
+        }
+    )
+
     managed: ManagedTier | None = None
     external: ExternalTier | None = None
 
@@ -119,58 +456,114 @@ class KVTierSpec(_Spec):
 
 
 class RoutingSpec(_Spec):
-    policy: str = "cost"
-    disaggregation_threshold: int | None = Field(None, ge=0, alias="disaggregationThreshold")
+    """How the router picks workers for this model. A router-only setting: changing it restarts
+    no worker."""
+
+    policy: PolicyName = Field("cost", description="Router policy for this model.")
+    disaggregation_threshold: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOKENS,
+        alias="disaggregationThreshold",
+        description="Uncached prompt tokens above which prefill runs on a prefill worker; unset = tuned online.",
+    )
 
 
 class ModelDeploymentSpec(_Spec):
+    """A model served by prefill and decode workers behind the tusk router, with a shared KV tier."""
+
     model: ModelSource
-    served_model_names: list[str] = Field([], alias="servedModelNames")
-    tokenizer: str | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    max_model_len: int | None = Field(None, ge=1, alias="maxModelLen")
-    block_size: int = Field(16, ge=1, le=1024, alias="blockSize")
-    image: str | None = None
-    engine: EngineSpec = EngineSpec()
-    prefill: RoleSpec = RoleSpec(replicas=0)
-    decode: RoleSpec = RoleSpec(replicas=1)
-    kv_tier: KVTierSpec = Field(KVTierSpec(managed=ManagedTier()), alias="kvTier")
-    routing: RoutingSpec = RoutingSpec()
-    paused: bool = False
-
-    @model_validator(mode="after")
-    def _replicas(self) -> ModelDeploymentSpec:
-        if self.decode.replicas < 0:
-            raise ValueError("decode.replicas must be at least 0")
-        if self.prefill.replicas < 0:
-            raise ValueError("prefill.replicas must be at least 0")
-        return self
-
-
-_PATTERN_HELP = {
-    "model.source": "use tiny, hf://ORG/NAME[@REVISION], pvc://CLAIM[/SUBPATH], image://IMAGE or /absolute/path",
-    "kvTier.external.url": "use redis://, rediss://, valkey://, valkeys:// or unix://",
-}
+    served_model_names: list[NonEmpty] = Field(
+        [],
+        alias="servedModelNames",
+        max_length=32,
+        description="Names clients use in the OpenAI API; defaults to the ModelDeployment name.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer folder or hf:// id, when it differs from the model."
+    )
+    dtype: Literal[DTYPES] = Field("auto", description="Weights and activations dtype.")  # type: ignore[valid-type]
+    max_model_len: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_TOKENS,
+        alias="maxModelLen",
+        description="Longest sequence (prompt + output) in tokens.",
+    )
+    block_size: int = Field(
+        16, ge=1, le=1024, alias="blockSize", description="KV block size in tokens; must match across roles."
+    )
+    image: str | None = Field(
+        None, description="Worker image; defaults to the operator's image for the accelerator."
+    )
+    engine: EngineSpec = Field(EngineSpec(), description="Engine knobs passed to every worker.")
+    prefill: PrefillSpec = Field(
+        PrefillSpec(),
+        description=(
+            "The prefill workers, which compute prompts' KV blocks; none by default "
+            "(decode workers then prefill for themselves)."
+        ),
+    )
+    decode: DecodeSpec = Field(
+        DecodeSpec(),
+        description=(
+            "The decode workers, which generate tokens; kubectl scale and an HPA set their count "
+            "(0 scales the model to zero)."
+        ),
+    )
+    kv_tier: KVTierSpec = Field(
+        KVTierSpec(managed=ManagedTier()),
+        alias="kvTier",
+        description="Shared KV block tier: a managed Valkey, an external Redis-compatible URL, or none ({}).",
+    )
+    routing: RoutingSpec = Field(RoutingSpec(), description="How the router picks workers for this model.")
+    paused: bool = Field(
+        False, description="Stop changing children (no rollouts, no drift repair); status is still reported."
+    )
 
 
 class InvalidSpec(ValueError):
     """A spec the operator cannot act on; the message is shown in the Degraded condition as is."""
 
 
+def _field(loc: tuple[Any, ...]) -> Any:
+    """The pydantic FieldInfo at an error location (aliases or names), or None."""
+    models: list[Any] = [ModelDeploymentSpec]
+    info = None
+    for part in loc:
+        model = next((m for m in models if isinstance(m, type) and issubclass(m, BaseModel)), None)
+        if model is None:
+            return None
+        info = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        if info is None:
+            return None
+        models = [info.annotation, *get_args(info.annotation)]
+    return info
+
+
+def _problem(error: Any) -> str:
+    """One readable line per pydantic error, naming the field as the CRD does."""
+    where = ".".join(str(part) for part in error["loc"])
+    field = f"spec.{where}" if where else "spec"
+    info = _field(error["loc"])
+    context = error.get("ctx") or {}
+    extra = (info.json_schema_extra if info is not None else None) or {}
+    if error["type"] == "less_than_equal":
+        reason = f": {extra['maximumReason']}" if "maximumReason" in extra else ""
+        return f"{field} must be at most {context.get('le')}{reason}"
+    if error["type"] == "greater_than_equal":
+        return f"{field} must be at least {context.get('ge')}"
+    if error["type"] == "string_pattern_mismatch":
+        expected = f": {info.description.split('. ')[0]}" if info is not None and info.description else ""
+        return f"{field}: {error['input']!r} is not valid{expected}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{field}: {message}" if where else message
+
+
 def parse_spec(raw: dict[str, Any] | None) -> ModelDeploymentSpec:
     """Parse a spec (as stored in the API server) or raise InvalidSpec with a one-line reason."""
-    raw = dict(raw or {})
-    # An explicit prefill block without replicas means zero, as the CRD default says.
-    if isinstance(raw.get("prefill"), dict):
-        raw["prefill"] = {"replicas": 0, **raw["prefill"]}
     try:
-        return ModelDeploymentSpec.model_validate(raw)
+        return ModelDeploymentSpec.model_validate(dict(raw or {}))
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"])
-            message = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "string_pattern_mismatch":
-                message = f"{error['input']!r} is not valid: {_PATTERN_HELP.get(where, 'wrong format')}"
-            problems.append(f"spec.{where}: {message}" if where else message)
-        raise InvalidSpec("; ".join(problems)) from None
+        raise InvalidSpec("; ".join(_problem(error) for error in exc.errors())) from None

@@ -164,11 +164,12 @@ def _default_into(schema: dict[str, Any], value: Any) -> None:
 def cel_violations(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
     """Messages of every x-kubernetes-validations rule that ``value`` breaks (CEL, evaluated with
     the ``common-expression-language`` package; rules see the node as ``self``)."""
-    import cel
+    # xds-protos ships an empty cel/__init__.py that can replace this package's: use the extension.
+    from cel.cel import evaluate
 
     found = []
     for rule in schema.get("x-kubernetes-validations", []):
-        if cel.evaluate(rule["rule"], {"self": value}) is not True:
+        if evaluate(rule["rule"], {"self": value}) is not True:
             found.append(f"{path or '<root>'}: {rule.get('message', rule['rule'])}")
     if isinstance(value, dict):
         for key, sub in schema.get("properties", {}).items():
