@@ -127,6 +127,22 @@ class RouterConfig(_Strict):
         return self
 
 
+class EndpointPickerConfig(_Strict):
+    """``tusk epp``: a Gateway API Inference Extension endpoint picker (Envoy ext_proc) over
+    OpenAI-compatible model servers; ``models[].workers`` are their HTTP ``ip:port``."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9002, ge=0, le=65535, description="ext_proc and gRPC health (0 = any free port)")
+    models: list[ModelRoute] = []
+    routing: RoutingConfig = RoutingConfig(kv_events=False)
+    fallbacks: int = Field(0, ge=0, le=16, description="fallback endpoints after the primary")
+    shed_queue_depth: int | None = Field(
+        None, ge=1, description="answer 429 when every eligible server has this many queued"
+    )
+    max_body_bytes: int = Field(4 << 20, ge=1024)
+    poll_interval_s: float = Field(0.5, gt=0, description="how often servers' /metrics are read")
+
+
 class ServeConfig(_Strict):
     """What ``tusk serve`` was asked for."""
 
