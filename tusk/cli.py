@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("tusk.serve", "run router, workers and a KV tier on this machine"),
     "worker": ("tusk.worker.server", "run one inference worker (gRPC)"),
     "router": ("tusk.router.app", "run the OpenAI-compatible router"),
+    "epp": ("tusk.router.epp.main", "run the Gateway API endpoint picker (Envoy ext_proc)"),
     "operator": ("tusk.operator.main", "run the Kubernetes operator (kopf)"),
     "sim": ("tusk.router.sim.cli", "simulate a cluster on a request trace with the router's policies"),
     "bench": ("tusk.router.loadgen", "load-test an OpenAI-compatible endpoint"),
