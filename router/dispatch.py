@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 from tusk.router.errors import bad_request, no_worker, timed_out, worker_failed
 from tusk.router.failures import MAX_ATTEMPTS, MAX_SUSPECT, Failure, classify, is_request_error
+from tusk.router.load_account import LoadTicket, open_ticket
 from tusk.router.policies.base import (
     NoWorkerAvailable,
     Policy,
@@ -73,6 +74,7 @@ class Generation:
     _active: tuple[WorkerClient, grpc.aio.Call] | None = None
     _excluded: set[str] = field(default_factory=set)
     _ok: bool = False
+    _ticket: LoadTicket | None = None  # what this request charged to the router's load account
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -97,12 +99,26 @@ class Generation:
         except NoWorkerAvailable:
             raise no_worker(self.runtime.name) from None
         self.runtime.metrics.routing_decision(self.runtime.name, req.policy.name, decision)
+        self._charge(decision)
         if not self.runtime.routing.kv_events:  # approximate mode: assume the chosen workers cache it
             index = self.runtime.index
             index.record_route(decision.decode.worker_id, req.block_hashes)
             if decision.prefill is not None:
                 index.record_route(decision.prefill.worker_id, req.block_hashes)
         return decision
+
+    def _charge(self, decision: RoutingDecision) -> None:
+        """Move this request's charge in the router's load account to the new decision."""
+        if self._ticket is not None:
+            self._ticket.done()
+        loads = {}
+        for w in (decision.decode, decision.prefill):
+            if w is not None and w.address in self.runtime.clients:
+                loads[w.worker_id] = self.runtime.client(w.address).load
+        if len(loads) == (1 if decision.prefill is None or decision.prefill is decision.decode else 2):
+            self._ticket = open_ticket(
+                loads, decision, len(self.req.prompt_ids), self.req.sampling.max_tokens, self.runtime.block_size
+            )
 
     def _pick_decode(self) -> WorkerState:
         """A replacement decode worker after the chosen one failed: the least loaded one."""
@@ -137,6 +153,8 @@ class Generation:
             self._ok = True
         finally:
             self._cancel_active()
+            if self._ticket is not None:
+                self._ticket.done()
             self._observe()
 
     async def _stream(self) -> AsyncIterator[list[int]]:
@@ -158,6 +176,8 @@ class Generation:
                 self._fail(prefill_client, exc)
                 continue
             first_token = reply.first_token
+            if self._ticket is not None:
+                self._ticket.first_token()
             self.cached_tokens = reply.cached_tokens
             self.completion_tokens = 1
             self.ttft_s = time.perf_counter() - self._started
@@ -251,6 +271,9 @@ class Generation:
                         continue  # the answer is complete: anything after its finish is dropped
                     if not received:
                         received = True
+                        if self._ticket is not None:
+                            self._ticket.first_token()  # no-op after a remote prefill
+                            self._ticket.decode_started()
                         if first_token is None and not migrated:
                             self.cached_tokens = reply.cached_tokens
                             self.prefill_s = time.perf_counter() - started

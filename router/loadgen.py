@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tusk.router.policies.base import RequestOutcome
+from tusk.router.sim.metrics import percentile as _percentile
+from tusk.router.sim.metrics import summarize_outcomes
+from tusk.router.sim.trace import TraceError
 from tusk.router.workload import WorkItem, load_trace, synthetic
 
 
@@ -32,16 +36,28 @@ class Result:
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    def outcome(self, scale: float = 1.0) -> RequestOutcome:
+        """The shared per-request record; ``scale`` converts wall seconds (emulated engines)."""
+        decode_s = (self.e2e_s - self.ttft_s) * scale if self.ttft_s is not None else None
+        return RequestOutcome(
+            decision=None,
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
+            prefill_s=None,
+            ttft_s=self.ttft_s * scale if self.ttft_s is not None else None,
+            decode_tokens=max(0, self.output_tokens - 1),
+            decode_s=decode_s,
+            ok=self.ok,
+            error=self.error,
+        )
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    """``q`` in [0, 1]; the one percentile definition (``tusk.router.sim.metrics``)."""
+    return _percentile(values, q * 100) if values else None
 
 
 def _dist(values: list[float], prefix: str) -> dict[str, float | None]:
@@ -54,7 +70,10 @@ class Client:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
+        # --fresh-connections: a new TCP connection per request (smg does not set TCP_NODELAY on
+        # accepted connections, so streamed responses on a reused connection stall ~40 ms)
+        keepalive = 0 if getattr(args, "fresh_connections", False) else 1000
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=keepalive)
         self.http = httpx.AsyncClient(
             base_url=args.url.rstrip("/"), headers=headers, timeout=args.timeout, limits=limits
         )
@@ -82,9 +101,9 @@ class Client:
                 if resp.status_code != 200:
                     return Result(False, time.perf_counter() - start, error=f"HTTP {resp.status_code}")
                 usage = resp.json().get("usage") or {}
-                return Result(
-                    True, time.perf_counter() - start, output_tokens=usage.get("completion_tokens", 0)
-                )
+                result = Result(True, time.perf_counter() - start)
+                _usage(result, usage)
+                return result
             return await self._stream(path, body, start)
         except httpx.HTTPError as exc:
             return Result(False, time.perf_counter() - start, error=type(exc).__name__)
@@ -104,7 +123,7 @@ class Client:
                     result.ok, result.error = False, str(event["error"].get("code") or "stream error")
                     continue
                 if event.get("usage"):
-                    result.output_tokens = event["usage"].get("completion_tokens", 0)
+                    _usage(result, event["usage"])
                 choices = event.get("choices") or []
                 piece = ""
                 if choices:
@@ -122,6 +141,12 @@ class Client:
 
     async def close(self) -> None:
         await self.http.aclose()
+
+
+def _usage(result: Result, usage: dict[str, Any]) -> None:
+    result.output_tokens = usage.get("completion_tokens", 0) or 0
+    result.prompt_tokens = usage.get("prompt_tokens", 0) or 0
+    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0) or 0
 
 
 async def _pick_model(client: Client) -> str:
@@ -196,6 +221,14 @@ def summarize(results: list[Result], duration: float, args: argparse.Namespace) 
     summary |= _dist([r.ttft_s for r in ok if r.ttft_s is not None], "ttft")
     summary |= _dist([x for r in ok for x in r.itl_s], "itl")
     summary |= _dist([r.e2e_s for r in ok], "e2e")
+    # the shared outcome summary: hit rate from the server's cached_tokens, SLO attainment;
+    # with --scale-latencies (emulated engines at --time-scale) in the engine's seconds
+    scale = args.time_scale if getattr(args, "scale_latencies", False) else 1.0
+    shared = summarize_outcomes([r.outcome(scale) for r in results], args.ttft_slo, args.itl_slo)
+    summary["hit_rate"] = shared["hit_rate"]
+    summary["slo_attainment"] = shared["slo_attainment"]
+    summary["outcomes"] = {k: v for k, v in shared.items() if k not in ("requests", "completed", "errors")}
+    summary["latency_scale"] = scale
     return summary
 
 
@@ -221,7 +254,8 @@ def _print_table(summary: dict[str, Any]) -> None:
     console.print(
         f"completed {summary['completed']}/{summary['requests']} in {summary['duration_s']:.2f} s, "
         f"{summary['requests_per_s'] or 0:.1f} req/s, {summary['output_tokens_per_s'] or 0:.1f} output tok/s, "
-        f"errors {summary['errors']} {summary['error_kinds'] or ''}"
+        f"errors {summary['errors']} {summary['error_kinds'] or ''}, hit rate {summary['hit_rate']:.3f}, "
+        f"SLO attainment {summary['slo_attainment']:.3f}"
     )
 
 
@@ -239,9 +273,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", "-n", type=int, default=100)
     p.add_argument("--input-tokens", type=int, default=128, help="synthetic prompt length")
     p.add_argument("--output-tokens", type=int, default=64, help="synthetic max_tokens")
-    p.add_argument("--trace", type=Path, help="Mooncake .jsonl or Azure .csv trace")
-    p.add_argument("--trace-format", choices=["mooncake", "azure"])
-    p.add_argument("--block-tokens", type=int, default=512, help="words per trace block (512 = as recorded)")
+    p.add_argument("--trace", type=Path, help="Mooncake .jsonl, Azure .csv or kv-cache-tester .tar.xz/.json")
+    p.add_argument("--trace-format", choices=["mooncake", "azure", "kvtester"])
+    p.add_argument(
+        "--token-scale", type=int, default=1, help="one prompt word stands for this many trace tokens"
+    )
+    p.add_argument(
+        "--session-gap", type=float, default=30.0, help="kvtester: mean seconds between session starts"
+    )
+    p.add_argument(
+        "--scale-latencies", action="store_true", help="report latencies x --time-scale (emulated engines)"
+    )
+    p.add_argument("--fresh-connections", action="store_true", help="a new connection per request")
+    p.add_argument("--ttft-slo", type=float, default=2.0, help="seconds")
+    p.add_argument("--itl-slo", type=float, default=0.1, help="seconds, mean per request")
     p.add_argument("--max-output-tokens", type=int, help="cap on each request's max_tokens")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (tusk, vLLM, SGLang extension)")
@@ -265,11 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.trace:
             items = load_trace(
-                args.trace, args.trace_format, args.requests, args.block_tokens, args.max_output_tokens
+                args.trace,
+                args.trace_format,
+                args.requests,
+                args.token_scale,
+                args.max_output_tokens,
+                args.session_gap,
+                args.seed,
             )
         else:
             items = synthetic(args.requests, args.input_tokens, args.output_tokens, args.seed)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TraceError) as exc:
         print(f"tusk bench: cannot read the trace: {exc}", file=sys.stderr)
         return 2
     try:

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 
 import grpc
+from tusk.router.load_account import WorkerLoad
 from tusk.router.policies.base import WorkerState
 
 from tusk.config import Role
@@ -51,6 +52,8 @@ class WorkerClient:
     ) -> None:
         self.address = address
         self.state = WorkerState(worker_id=address, address=address, role=role, healthy=False)
+        # router-side load prediction, corrected by each LoadReport (tusk.router.load_account)
+        self.load = WorkerLoad(self.state)
         self.channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
         self.stub = rpc.WorkerStub(self.channel)
         self.poll_interval_s = poll_interval_s
@@ -155,14 +158,7 @@ class WorkerClient:
                 log.warning("worker health check failed", extra={"worker": self.address, "error": str(exc)})
             serving, report = False, None
         if report is not None:
-            s = self.state
-            s.running_requests = report.running_requests
-            s.queued_requests = report.queued_requests
-            s.queued_prefill_tokens = report.queued_prefill_tokens
-            s.free_blocks = report.free_blocks
-            s.total_blocks = report.total_blocks
-            s.prefill_tokens_per_s = report.prefill_tokens_per_s
-            s.decode_step_s = report.decode_step_s
+            self.load.apply_report(report)
         if serving != self.state.healthy:
             log.info("worker health changed", extra={"worker": self.address, "healthy": serving})
             self.state.healthy = serving

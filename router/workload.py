@@ -1,20 +1,23 @@
 """Requests for the load generator: synthetic, or replayed from a public trace.
 
-Traces carry lengths and (Mooncake) prefix block ids but no text, so prompts are synthesized:
-each "token" is one word from a list of short English words (each one BPE token with its
-leading space in common vocabularies, so word counts approximate token counts). For Mooncake
-traces a block id always expands to the same words, so two prompts share a text prefix exactly
-where their ``hash_ids`` match, which is what a prefix cache and a cache-aware router react to.
+Traces carry lengths and prefix block ids but no text, so prompts are synthesized: each
+"token" is one word from a list of short English words, each one BPE token with its leading
+space in common vocabularies (exactly one cl100k token, which the emulator uses), so a prompt
+of n words is n tokens. Traces are read by ``tusk.router.sim.trace`` (one reader for the
+simulator and the live replay); a block id always expands to the same words of the trace's
+block size, so two prompts share a text prefix exactly where their ``hash_ids`` match, which
+is what a prefix cache and a cache-aware router react to. Words past the hashed blocks (the
+partial tail of kv-cache-tester prompts, every Azure prompt) are fresh for each request.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
+
+from tusk.router.sim.trace import TraceRequest
+from tusk.router.sim.trace import load_trace as read_trace
 
 WORDS = [
     "the",
@@ -180,7 +183,6 @@ WORDS = [
     "air",
     "line",
 ]
-MOONCAKE_BLOCK = 512
 
 
 @dataclass
@@ -188,6 +190,7 @@ class WorkItem:
     prompt: str
     max_tokens: int
     at_s: float | None = None  # arrival time from the trace, seconds from its start
+    prompt_tokens: int | None = None  # words, i.e. tokens, when known
 
 
 def _words(rng: random.Random, n: int) -> list[str]:
@@ -203,66 +206,50 @@ def synthetic(n: int, input_tokens: int, output_tokens: int, seed: int = 0) -> l
     return [WorkItem(_text(_words(rng, input_tokens)), output_tokens) for _ in range(n)]
 
 
-def mooncake(
-    path: Path, limit: int | None, block_tokens: int = MOONCAKE_BLOCK, max_output: int | None = None
-) -> list[WorkItem]:
-    """Mooncake jsonl: ``timestamp`` (ms), ``input_length``, ``output_length``, ``hash_ids`` over
-    512-token blocks. ``block_tokens`` rescales every block (and the lengths with it) so a small
-    model can replay a long-context trace with the same sharing structure."""
-    scale = block_tokens / MOONCAKE_BLOCK
-    blocks: dict[int, list[str]] = {}
-    items = []
-    with path.open() as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            length = max(1, round(row["input_length"] * scale))
-            words: list[str] = []
-            for hash_id in row["hash_ids"]:
-                if len(words) >= length:
-                    break
-                block = blocks.get(hash_id)
-                if block is None:
-                    block = blocks[hash_id] = _words(random.Random(hash_id), block_tokens)
-                words.extend(block[: length - len(words)])
-            output = max(1, int(row["output_length"]))
-            if max_output is not None:
-                output = min(output, max_output)
-            items.append(WorkItem(_text(words), output, row["timestamp"] / 1000.0))
-            if limit is not None and len(items) >= limit:
-                break
-    return items
-
-
-def azure(
-    path: Path, limit: int | None, scale: float = 1.0, max_output: int | None = None, seed: int = 0
-) -> list[WorkItem]:
-    """Azure LLM inference csv: TIMESTAMP, ContextTokens, GeneratedTokens (no prefix info, so every
-    prompt is fresh random words)."""
+def trace_items(requests: list[TraceRequest], max_output: int | None = None, seed: int = 0) -> list[WorkItem]:
+    """Prompts for trace requests: block id ``h`` of a ``b``-token trace block is always the
+    same ``b`` words (seeded by ``h``), a partial last block its first words."""
+    blocks: dict[tuple[int, int], list[str]] = {}
     rng = random.Random(seed)
     items = []
-    start: datetime | None = None
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            stamp = datetime.fromisoformat(row["TIMESTAMP"][:26])
-            start = start or stamp
-            length = max(1, round(int(row["ContextTokens"]) * scale))
-            output = max(1, int(row["GeneratedTokens"]))
-            if max_output is not None:
-                output = min(output, max_output)
-            items.append(WorkItem(_text(_words(rng, length)), output, (stamp - start).total_seconds()))
-            if limit is not None and len(items) >= limit:
+    for r in requests:
+        need = r.input_tokens
+        words: list[str] = []
+        b = r.trace_block_tokens
+        for hid in r.hash_ids:
+            if len(words) >= need:
                 break
+            block = blocks.get((hid, b))
+            if block is None:
+                block = blocks[(hid, b)] = _words(random.Random(hid * 7919 + b), b)
+            words.extend(block[: need - len(words)])
+        if len(words) < need:
+            words.extend(_words(rng, need - len(words)))
+        output = r.output_tokens if max_output is None else min(r.output_tokens, max_output)
+        items.append(WorkItem(_text(words), max(1, output), r.arrival_s, need))
     return items
 
 
 def load_trace(
-    path: Path, fmt: str | None, limit: int | None, block_tokens: int, max_output: int | None
+    path: Path,
+    fmt: str | None,
+    limit: int | None,
+    token_scale: int = 1,
+    max_output: int | None = None,
+    session_gap_s: float = 30.0,
+    seed: int = 0,
 ) -> list[WorkItem]:
-    fmt = fmt or ("azure" if path.suffix == ".csv" else "mooncake")
-    if fmt == "mooncake":
-        return mooncake(path, limit, block_tokens, max_output)
-    if fmt == "azure":
-        return azure(path, limit, block_tokens / MOONCAKE_BLOCK, max_output)
-    raise ValueError(f"unknown trace format {fmt!r}; use mooncake or azure")
+    """Any trace ``tusk.router.sim.trace`` reads, as prompts; ``token_scale`` shrinks prompts
+    (one word stands for that many trace tokens, see ``WorkerProfile.scaled``)."""
+    if token_scale < 1 or 64 % token_scale:
+        raise ValueError("--token-scale must divide 64 (1, 2, 4, 8, 16, 32 or 64)")
+    requests = read_trace(
+        path,
+        fmt,
+        block_size=64 // token_scale,
+        token_scale=token_scale,
+        max_requests=limit,
+        session_gap_s=session_gap_s,
+        seed=seed,
+    )
+    return trace_items(requests, max_output, seed)

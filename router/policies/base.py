@@ -67,9 +67,12 @@ class RoutingDecision:
 
 @dataclass
 class RequestOutcome:
-    """Feedback after a request finished, for policies that learn (the ``cost`` policy)."""
+    """One finished request: feedback for policies that learn (the ``cost`` policy) and the
+    record every replay summarizes (``tusk.router.sim.metrics.summarize_outcomes``): the
+    simulator, the live router and the load generator all produce it. ``decision`` is None
+    where the producer did not route (a client-side replay)."""
 
-    decision: RoutingDecision
+    decision: RoutingDecision | None
     prompt_tokens: int
     cached_tokens: int
     prefill_s: float | None  # time spent prefilling, wherever that ran
@@ -80,6 +83,7 @@ class RequestOutcome:
     # disaggregated only: first token (end of remote prefill) -> decode running on the decode
     # worker, i.e. the KV handoff the request paid for being split. None when aggregated.
     handoff_s: float | None = None
+    error: str | None = None  # why ok is False, e.g. "HTTP 503"
 
 
 class NoWorkerAvailable(RuntimeError):

@@ -21,7 +21,7 @@ from tusk.router.load_account import WorkerLoad, open_ticket
 from tusk.router.policies import NoWorkerAvailable, make_policy
 from tusk.router.policies.base import RequestOutcome, RoutingRequest, WorkerState
 from tusk.router.prefix_index import PrefixIndex
-from tusk.router.sim.metrics import ideal_hit_rates, percentile, weighted_percentile
+from tusk.router.sim.metrics import ideal_hit_rates, percentile, summarize_outcomes, weighted_percentile
 from tusk.router.sim.profile import WorkerProfile
 from tusk.router.sim.trace import TraceRequest
 from tusk.router.sim.worker import Job, SimWorker
@@ -234,18 +234,18 @@ class Simulator:
         assert job.decision is not None and job.prefill_start is not None and job.prefill_end is not None
         decode_tokens = job.req.output_tokens - 1
         decode_s = now - job.decode_start if job.decode_start is not None and decode_tokens > 0 else None
-        self.policy.observe(
-            RequestOutcome(
-                decision=job.decision,
-                prompt_tokens=job.req.input_tokens,
-                cached_tokens=job.cached_tokens,
-                prefill_s=job.prefill_end - job.prefill_start,
-                ttft_s=job.prefill_end - job.req.arrival_s,
-                decode_tokens=decode_tokens,
-                decode_s=decode_s,
-                handoff_s=job.handoff_s,
-            )
+        outcome = RequestOutcome(
+            decision=job.decision,
+            prompt_tokens=job.req.input_tokens,
+            cached_tokens=job.cached_tokens,
+            prefill_s=job.prefill_end - job.prefill_start,
+            ttft_s=job.prefill_end - job.req.arrival_s,
+            decode_tokens=decode_tokens,
+            decode_s=decode_s,
+            handoff_s=job.handoff_s,
         )
+        job.outcome = outcome
+        self.policy.observe(outcome)
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
@@ -318,6 +318,13 @@ class Simulator:
         mean_busy = sum(busy) / len(busy)
         dec = sorted(self.decision_s)
         threshold = getattr(self.policy, "threshold_tokens", None)
+        outcomes = [
+            j.outcome
+            if j.outcome is not None
+            else RequestOutcome(None, j.req.input_tokens, 0, None, None, ok=False, error="not completed")
+            for j in self.jobs
+        ]
+        summary = summarize_outcomes(outcomes, cfg.ttft_slo_s, cfg.itl_slo_s)
         return {
             "policy": cfg.policy,
             "poll_interval_s": cfg.poll_interval_s,
@@ -330,6 +337,9 @@ class Simulator:
             "completed": len(done),
             "rejected": self.rejected,
             "prefix_hit_rate": hit_blocks / total_blocks if total_blocks else 0.0,
+            "hit_rate": summary["hit_rate"],  # cached / prompt tokens, as live engines report it
+            "tpot_p50_s": summary["tpot_p50_s"],
+            "tpot_p90_s": summary["tpot_p90_s"],
             "ideal_hit_rate": ideal,
             "capacity_ideal_hit_rate": capacity_ideal,
             "ttft_p50_s": percentile(ttft, 50),

@@ -1,9 +1,16 @@
-"""Percentiles and the two hit-rate upper bounds the simulator reports."""
+"""Percentiles, the request-outcome summary and the two hit-rate upper bounds.
+
+``percentile`` is the one percentile definition of every routing number (simulator, live
+replay, load generator); ``summarize_outcomes`` is the one summary of ``RequestOutcome``s.
+"""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
+from typing import Any
+
+from tusk.router.policies.base import RequestOutcome
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -15,6 +22,36 @@ def percentile(values: Sequence[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize_outcomes(
+    outcomes: Sequence[RequestOutcome], ttft_slo_s: float = 2.0, itl_slo_s: float = 0.1
+) -> dict[str, Any]:
+    """TTFT percentiles, mean inter-token time per request (TPOT) percentiles, hit rate
+    (cached / prompt tokens, as engines report ``cached_tokens``), SLO attainment (TTFT <=
+    ``ttft_slo_s`` and TPOT <= ``itl_slo_s``, over all requests) and errors."""
+    ok = [o for o in outcomes if o.ok]
+    ttft = [o.ttft_s for o in ok if o.ttft_s is not None]
+
+    def tpot(o: RequestOutcome) -> float:
+        return o.decode_s / o.decode_tokens if o.decode_s is not None and o.decode_tokens > 0 else 0.0
+
+    tpots = [tpot(o) for o in ok]
+    prompt = sum(o.prompt_tokens for o in ok)
+    slo = sum(1 for o in ok if o.ttft_s is not None and o.ttft_s <= ttft_slo_s and tpot(o) <= itl_slo_s)
+    return {
+        "requests": len(outcomes),
+        "completed": len(ok),
+        "errors": len(outcomes) - len(ok),
+        "error_kinds": dict(Counter(o.error or "error" for o in outcomes if not o.ok)),
+        "hit_rate": sum(o.cached_tokens for o in ok) / prompt if prompt else 0.0,
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p90_s": percentile(ttft, 90),
+        "ttft_p99_s": percentile(ttft, 99),
+        "tpot_p50_s": percentile(tpots, 50),
+        "tpot_p90_s": percentile(tpots, 90),
+        "slo_attainment": slo / len(outcomes) if outcomes else 0.0,
+    }
 
 
 def weighted_percentile(samples: Sequence[tuple[float, float]], q: float) -> float:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tusk.router.load_account import LoadReportView
-from tusk.router.policies.base import RoutingDecision, WorkerState
+from tusk.router.policies.base import RequestOutcome, RoutingDecision, WorkerState
 from tusk.router.sim.profile import WorkerProfile
 from tusk.router.sim.trace import TraceRequest
 
@@ -52,6 +52,7 @@ class Job:
     decode_start: float | None = None
     finish: float | None = None
     handoff_s: float | None = None
+    outcome: RequestOutcome | None = None
     ticket: object | None = None  # the router's LoadTicket (tusk.router.load_account)
     v_admit: float = 0.0
     ctx_admit: int = 0

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tusk.router import loadgen
-from tusk.router.workload import mooncake
+from tusk.router.workload import load_trace
 
 TRACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces"
 
@@ -55,10 +55,19 @@ def test_mooncake_prompts_share_prefixes_exactly_where_hash_ids_match(tmp_path) 
         {"timestamp": 9, "input_length": 1024, "output_length": 3, "hash_ids": [1, 4]},
     ]
     trace.write_text("\n".join(json.dumps(r) for r in rows))
-    a, b, c = mooncake(trace, None, block_tokens=8)
+    a, b, c = load_trace(trace, None, None, token_scale=64)  # 512-token blocks -> 8 words
     wa, wb, wc = a.prompt.split(), b.prompt.split(), c.prompt.split()
-    assert len(wa) == 16 and len(wb) == round(1500 / 64) and wb[:16] == wa
+    assert len(wa) == 16 and len(wb) == -(-1500 // 64) and wb[:16] == wa
     assert wc[:8] == wa[:8] and wc[8:] != wa[8:]
     assert (a.at_s, b.at_s, c.at_s) == (0, 0.005, 0.009)
     if (TRACES / "synthetic_trace.jsonl").exists():
-        assert len(mooncake(TRACES / "synthetic_trace.jsonl", 20, block_tokens=4)) == 20
+        assert len(load_trace(TRACES / "synthetic_trace.jsonl", None, 20, token_scale=64)) == 20
+
+
+def test_malformed_trace_line_is_an_error_naming_the_line(tmp_path, capsys) -> None:
+    trace = tmp_path / "bad.jsonl"
+    trace.write_text(
+        '{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1]}\n{"timestamp": oops}\n'
+    )
+    assert loadgen.main(["--trace", str(trace), "--replay", "--url", "http://127.0.0.1:9"]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
