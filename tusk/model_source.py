@@ -72,8 +72,6 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> ResolvedModel:
 def resolve_gguf(path: Path, cache_dir: Path | None) -> ResolvedModel:
     """A GGUF file is served from a folder prepared once in the cache (config, tokenizer, a link
     to the file); see ``tusk.worker.gguf_model``."""
-    if not path.is_file():
-        raise ModelSourceError(f"GGUF file {path} does not exist")
     try:
         from tusk.worker.gguf_model import GGUFError, prepared_folder
     except ImportError as exc:

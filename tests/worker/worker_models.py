@@ -92,3 +92,103 @@ def run_all(engine) -> dict[str, list]:
         for out in engine.step():
             outs.setdefault(out.request_id, []).append(out)
     return outs
+
+
+def _llama_cpp_permute(weights, heads: int):
+    """llama.cpp's convert_hf_to_gguf ``LlamaModel.permute``: rotate-half pairs -> interleaved rows."""
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+GGUF_NAMES = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_tokenizer_metadata(writer) -> int:
+    """A small byte-level BPE vocabulary (256 byte tokens, a few merges, ChatML control tokens);
+    returns its size."""
+    from tusk.tiny_model import byte_to_unicode
+
+    letters = byte_to_unicode()
+    tokens = [letters[b] for b in range(256)]
+    merges = ["Ġ t", "h e", "Ġt he", "i n"]
+    tokens += ["Ġt", "he", "Ġthe", "in"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens + specials)
+    writer.add_token_types([1] * len(tokens) + [3] * len(specials))
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(len(tokens) + 1)
+    writer.add_eos_token_id(len(tokens) + 2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return len(tokens) + len(specials)
+
+
+def save_gguf(path: Path, folder: Path, qtype: str = "F32", extra: dict | None = None) -> Path:
+    """Write the HF checkpoint in ``folder`` (a Llama) as llama.cpp would: its tensor names, Q/K rows
+    permuted, 2-D weights in ``qtype`` (norms stay F32); ``extra`` adds raw tensors by GGUF name."""
+    import json
+
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.get("rope_theta") or config["rope_parameters"]["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    vocab = gguf_tokenizer_metadata(writer)
+    assert vocab == config["vocab_size"], "make the model with vocab_size=263"
+    qtype_enum = gguf.GGMLQuantizationType[qtype]
+    for name, tensor in load_file(folder / "model.safetensors").items():
+        base, _, suffix = name.rpartition(".")
+        if base.startswith("model.layers."):
+            _, _, index, rest = base.split(".", 3)
+            gguf_name = f"blk.{index}.{GGUF_NAMES[rest]}.{suffix}"
+        else:
+            gguf_name = f"{GGUF_NAMES[base]}.{suffix}"
+        data = tensor.float().numpy()
+        if ".self_attn.q_proj." in name:
+            data = _llama_cpp_permute(data, heads)
+        elif ".self_attn.k_proj." in name:
+            data = _llama_cpp_permute(data, kv_heads)
+        if data.ndim == 2 and qtype != "F32":
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype_enum), raw_dtype=qtype_enum)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
+    for gguf_name, (array, raw_dtype) in (extra or {}).items():
+        writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

