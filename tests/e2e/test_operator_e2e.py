@@ -129,12 +129,34 @@ def model_deployment(name: str, **spec) -> str:
 
 
 def test_cel_rules_reject_bad_specs(kubectl: str, namespace: str) -> None:
-    bad = model_deployment("bad", decode={"replicas": 0})
-    result = run(kubectl, "-n", namespace, "apply", "-f", "-", stdin=bad, check=False)
-    assert result.returncode != 0 and "decode.replicas must be at least 1" in result.stderr
-    both = model_deployment("both", kvTier={"managed": {}, "external": {"url": "redis://x:6379"}})
-    result = run(kubectl, "-n", namespace, "apply", "-f", "-", stdin=both, check=False)
-    assert result.returncode != 0 and "either external (url) or managed, not both" in result.stderr
+    for name, spec, words in [
+        ("tp", {"decode": {"acceleratorsPerReplica": 2}}, "tensor parallelism is not supported yet"),
+        ("both", {"kvTier": {"managed": {}, "external": {"url": "redis://x:6379"}}}, "not both"),
+        ("policy", {"routing": {"policy": "nonexistent"}}, "spec.routing.policy"),
+        ("backend", {"engine": {"kernelBackend": "cuda-magic"}}, "spec.engine.kernelBackend"),
+        (
+            "memory",
+            {"decode": {"resources": {"limits": {"memory": "lots"}}}},
+            "spec.decode.resources.limits.memory",
+        ),
+    ]:
+        bad = model_deployment(name, **spec)
+        result = run(kubectl, "-n", namespace, "apply", "-f", "-", stdin=bad, check=False)
+        assert result.returncode != 0 and words in result.stderr, (name, result.stderr)
+
+
+def test_examples_and_a_minimal_spec_are_accepted(kubectl: str, namespace: str) -> None:
+    """Every example passes the server's validation; a bare spec is stored with the CRD defaults."""
+    examples = REPO / "deploy" / "examples"
+    run(kubectl, "-n", namespace, "apply", "--dry-run=server", "-f", str(examples))
+    run(kubectl, "-n", namespace, "apply", "-f", "-", stdin=model_deployment("minimal"))
+    spec = get(kubectl, namespace, "md", "minimal")["spec"]
+    assert spec["decode"]["replicas"] == 1 and spec["prefill"]["replicas"] == 0
+    assert spec["model"]["cache"] == {"sizeLimit": "20Gi"}
+    assert spec["decode"]["rollout"] == {"maxSurge": 0, "maxUnavailable": 1}
+    run(kubectl, "-n", namespace, "scale", "md/minimal", "--replicas=0")
+    assert get(kubectl, namespace, "md", "minimal")["spec"]["decode"]["replicas"] == 0
+    run(kubectl, "-n", namespace, "delete", "md", "minimal", "--timeout=60s")
 
 
 def test_lifecycle(kubectl: str, namespace: str, operator: Operator) -> None:
