@@ -154,3 +154,5 @@ class ServeConfig(_Strict):
     kv_tier: str | None = None
     kv_tier_maxmemory: str = "512mb"
     engine: EngineConfig = EngineConfig()
+    gateway: Literal["envoy"] | None = None
+    gateway_port: Annotated[int, Field(ge=0, le=65535)] = 0
