@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--log-dir", type=Path, default=None, help="where child logs go (default: a temp dir)")
     p.add_argument("--startup-timeout", type=float, default=180.0)
+    p.add_argument(
+        "--gateway",
+        choices=["envoy"],
+        default=None,
+        help="also run a real Envoy before the workers' OpenAI HTTP APIs, tusk as its endpoint picker",
+    )
+    p.add_argument("--gateway-port", type=int, default=0, help="Envoy's port (0 = any free port)")
     return p
 
 
@@ -89,6 +96,8 @@ def _config_from_args(args: argparse.Namespace) -> ServeConfig:
                 num_kv_blocks=args.num_kv_blocks,
                 max_model_len=args.max_model_len,
             ),
+            gateway=args.gateway,
+            gateway_port=args.gateway_port,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -136,6 +145,9 @@ class LocalDeployment:
         self.children: list[Child] = []
         self.kv_server = None
         self.url = ""
+        self.gateway = None  # LocalGateway with --gateway envoy
+        self.gateway_url = ""
+        self.http_addresses: list[str] = []
 
     def _spawn(self, name: str, module: str, cfg_json: str, env: dict[str, str] | None = None) -> Child:
         child = Child(
@@ -149,10 +161,31 @@ class LocalDeployment:
         return child
 
     def start(self, timeout: float) -> str:
+        if self.config.gateway:
+            from tusk.router.epp.local import GatewayUnavailable, LocalGateway
+
+            try:  # before anything starts: no Envoy, no deployment
+                self.gateway = LocalGateway(self.config.host, self.config.gateway_port, self.log_dir)
+            except GatewayUnavailable as exc:
+                raise ServeError(str(exc)) from None
         kv_url = self._start_kv_tier()
         workers = self._start_workers(kv_url, timeout)
         self._start_router(workers, kv_url, timeout)
+        if self.gateway is not None:
+            self._start_gateway(timeout)
         return self.url
+
+    def _start_gateway(self, timeout: float) -> None:
+        route = ModelRoute(
+            name=self.served_name,
+            tokenizer=str(self.model.path),
+            block_size=self.config.engine.block_size,
+            max_model_len=self.config.engine.max_model_len,
+        )
+        try:
+            self.gateway_url = self.gateway.start(route, self.http_addresses, self.routing, timeout)
+        except RuntimeError as exc:
+            raise ServeError(f"gateway: {exc}") from None
 
     def _start_kv_tier(self) -> str:
         from tusk.kvserver import ping_url, start_server
@@ -185,12 +218,15 @@ class LocalDeployment:
                 port=0,
                 engine=self.config.engine,
                 kv_tier=KVTierConfig(url=kv_url),
+                http_port=0 if self.config.gateway else None,
             )
             pending.append((role, self._spawn(worker_id, "tusk.worker", cfg.model_dump_json(), threads)))
         endpoints = []
         for role, child in pending:  # workers load in parallel; collect them in order
             info = child.wait_ready(timeout)
             endpoints.append(WorkerEndpoint(address=info["address"], role=role))
+            if info.get("http_address") and role != Role.PREFILL:
+                self.http_addresses.append(info["http_address"])
         return endpoints
 
     def _start_router(self, workers: list[WorkerEndpoint], kv_url: str, timeout: float) -> None:
@@ -242,8 +278,16 @@ class LocalDeployment:
                 )
         if self.kv_server is not None and not self.kv_server.alive():
             raise ChildFailed("the embedded KV tier server exited")
+        if self.gateway is not None:
+            for child in self.gateway.children():
+                if not child.alive():
+                    raise ChildFailed(f"{child.name} exited: {child.log_tail()}")
+            if not self.gateway.envoy_alive():
+                raise ChildFailed("envoy exited")
 
     def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
         stop_all(self.children)
         if self.kv_server is not None:
             self.kv_server.stop()
@@ -275,10 +319,21 @@ def main(argv: list[str] | None = None) -> int:
         started.set()
         mode = "aggregated" if config.prefill == 0 else f"{config.prefill} prefill + {config.decode} decode"
         print(
-            json.dumps({"event": "ready", "url": url, "model": deployment.served_name, "logs": str(log_dir)}),
+            json.dumps(
+                {
+                    "event": "ready",
+                    "url": url,
+                    "model": deployment.served_name,
+                    "logs": str(log_dir),
+                    **({"gateway_url": deployment.gateway_url} if deployment.gateway_url else {}),
+                }
+            ),
             flush=True,
         )
         print(f"tusk serve: {deployment.served_name} ({mode}) at {url}/v1 - Ctrl-C to stop", file=sys.stderr)
+        if deployment.gateway_url:
+            gateway = deployment.gateway_url
+            print(f"tusk serve: Envoy gateway (tusk endpoint picker) at {gateway}/v1", file=sys.stderr)
         while not stop.wait(0.5):
             deployment.check_children()
         return 0
