@@ -180,3 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TokenizerError, OSError) as exc:
         print(f"tusk epp: {exc}", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
