@@ -214,6 +214,11 @@ def openapi_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[s
     return _openapi_errors(schema, value, path)[0]
 
 
+# Schema errors after which the server skips CEL (apiextensions' hasBlockingErr: NotSupported,
+# Required, TooLong, TooMany, TypeInvalid); a bound like maximum does not stop CEL.
+_BLOCKING = {"enum", "required", "maxLength", "maxItems", "type", "anyOf"}
+
+
 def _openapi_errors(schema: dict[str, Any], value: Any, path: str = "") -> tuple[list[str], bool]:
     """(errors, whether one of them is a type or enum error, which stops CEL evaluation)."""
     validator = jsonschema.Draft4Validator(_draft4(schema))
@@ -221,7 +226,7 @@ def _openapi_errors(schema: dict[str, Any], value: Any, path: str = "") -> tuple
     for error in sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path)):
         where = path + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
         errors.append(f"{where or '<root>'}: {error.message}")
-        blocking = blocking or error.validator in ("type", "enum", "anyOf")
+        blocking = blocking or error.validator in _BLOCKING
     return errors, blocking
 
 
@@ -288,7 +293,7 @@ def admit(crd: dict[str, Any], obj: dict[str, Any]) -> dict[str, Any]:
         raise Refused(errors)
     stored = apply_defaults(schema, obj)
     errors, blocking = _openapi_errors(schema, stored)
-    # As the server: CEL rules run unless a value has the wrong type or is not in its enum.
+    # As the server: CEL rules run unless the object does not have the shape they were written for.
     if blocking:
         errors.append("some validation rules were not checked because the object was invalid")
     else:

@@ -294,3 +294,17 @@ def test_the_quantity_pattern_accepts_what_kubernetes_parses(text) -> None:
         return True
 
     assert bool(re.match(spec.QUANTITY_PATTERN, text)) == parses(text) == (text in QUANTITIES)
+
+
+def test_cel_runs_after_a_bound_error_but_not_after_an_enum_error() -> None:
+    """As the server: a value over its maximum still gets the CEL rule's explanation; a value
+    outside its enum stops CEL (the object no longer has the shape the rules expect)."""
+    with pytest.raises(Refused) as refused:
+        admit(CRD, _md(_with("decode.acceleratorsPerReplica", 2)))
+    assert len(refused.value.errors) == 2 and "tensor parallelism" in refused.value.errors[1]
+    raw = _with("decode.acceleratorsPerReplica", 2)
+    raw["routing"] = {"policy": "nonexistent"}
+    with pytest.raises(Refused) as refused:
+        admit(CRD, _md(raw))
+    assert not any("tensor parallelism" in e for e in refused.value.errors)
+    assert "some validation rules were not checked" in refused.value.errors[-1]
