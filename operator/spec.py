@@ -75,7 +75,8 @@ def _int_or_string(pattern: str, what: str) -> Any:
     return Annotated[
         int | str,
         AfterValidator(check),
-        Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": pattern}),
+        # minimum applies to the integer form only, pattern to the string form.
+        Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": pattern, "minimum": 0}),
     ]
 
 

@@ -233,6 +233,7 @@ BAD_SPECS = [
         ".spec.decode.rollout.maxUnavailable",
         "cannot both be 0",
     ),
+    ("negative memory", _with("decode.resources.requests.memory", -1), ".spec.decode.resources.requests.memory", "minimum"),
     ("surge", _with("decode.rollout", {"maxSurge": "lots"}), ".spec.decode.rollout.maxSurge", "does not match"),
     ("service account", _with("decode.serviceAccountName", "Not_A_Name"), ".spec.decode.serviceAccountName", "match"),
     ("pull secret", _with("prefill.imagePullSecrets", [{}]), ".spec.prefill.imagePullSecrets[0]", "'name' is a required"),
