@@ -19,6 +19,7 @@ server words them: ``<field path>: <message>``.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import jsonschema
@@ -135,6 +136,13 @@ def rule_errors(schema: dict[str, Any]) -> list[str]:
                 errors.append(f"{where}: reason must be one of {sorted(CEL_REASONS)}")
             if "fieldPath" in rule and not _field_path_exists(node, rule["fieldPath"]):
                 errors.append(f"{where}: fieldPath {rule['fieldPath']} is not a field of this node")
+            # The server estimates each rule's cost from the sizes the schema allows; a string or
+            # list without a bound is costed at the request size limit and can exceed the budget.
+            for field in set(re.findall(r"self\.(\w+)", rule["rule"])) - {"metadata"}:
+                child = (node.get("properties") or {}).get(field, {})
+                bound = {"string": "maxLength", "array": "maxItems"}.get(child.get("type", ""))
+                if bound and bound not in child:
+                    errors.append(f"{where}: {field} needs {bound} to bound the rule's cost")
     return errors
 
 

@@ -11,7 +11,7 @@ import copy
 import re
 
 import pytest
-from crd_server_model import Refused, admit, crd_errors, default_errors, nodes, storage_schema
+from crd_server_model import Refused, admit, crd_errors, default_errors, nodes, rule_errors, storage_schema
 from kubernetes.utils import parse_quantity
 from tusk.operator import manifests, schema, spec
 from tusk.operator.spec import InvalidSpec, parse_spec
@@ -62,6 +62,20 @@ def test_the_model_sees_the_rule_that_broke_on_a_real_server() -> None:
     assert error.startswith(".decode.default") and "no such key: replicas" in error
     role["x-kubernetes-validations"][0]["rule"] = "!has(self.replicas) || self.replicas >= 1"
     assert default_errors(broken) == []
+
+
+def test_the_model_sees_unbounded_rule_costs_and_bad_field_paths() -> None:
+    node = {
+        "type": "object",
+        "properties": {"source": {"type": "string"}},
+        "x-kubernetes-validations": [
+            {"rule": "self.source.startsWith('a')", "message": "m", "fieldPath": ".src", "reason": "Bad"}
+        ],
+    }
+    errors = rule_errors(node)
+    assert any("source needs maxLength" in e for e in errors)
+    assert any("fieldPath .src is not a field" in e for e in errors)
+    assert any("reason must be one of" in e for e in errors)
 
 
 def test_every_default_is_listed_and_holds_as_written() -> None:
