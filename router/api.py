@@ -211,7 +211,8 @@ class RouterAPI:
         )
         if body.seed is not None:
             sampling.seed = body.seed
-        policy = runtime.policy(request.headers.get(POLICY_HEADER))
+        chosen = request.headers.get(POLICY_HEADER) if runtime.routing.allow_policy_header else None
+        policy = runtime.policy(chosen)
         timeout = self.config.request_timeout_s
         gen_request = GenerationRequest(
             # Clients may reuse their own ids; workers key state (and Cancel) on this one.

@@ -35,7 +35,7 @@ def build_policy(name: str, index: PrefixIndex, routing: RoutingConfig) -> Polic
     """One place that knows how RoutingConfig maps onto policy settings."""
     from tusk.router.policies import make_policy
 
-    settings: dict[str, Any] = {}
+    settings: dict[str, Any] = dict(routing.settings)
     if routing.disaggregation_threshold_tokens is not None:
         settings["disaggregation_threshold_tokens"] = routing.disaggregation_threshold_tokens
     return make_policy(name, index, **settings)

@@ -8,7 +8,7 @@ setting fails at the edge with a readable message instead of deep inside the eng
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -89,6 +89,24 @@ class RoutingConfig(_Strict):
         None, ge=0, description="fixed override; None = tuned online"
     )
     kv_events: bool = True
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="policy settings (tusk.router.policies.SETTING_NAMES)"
+    )
+    allow_policy_header: bool = Field(False, description="let clients pick a policy with x-tusk-policy")
+
+    @model_validator(mode="after")
+    def _known_policy_and_settings(self) -> RoutingConfig:
+        """An unknown policy, setting or scorer, or a bad value, fails here, at start."""
+        if self.policy == "cost" and not self.settings and self.disaggregation_threshold_tokens is None:
+            return self  # the defaults (also built while this module is still importing)
+        from tusk.router.policies import make_policy
+        from tusk.router.prefix_index import PrefixIndex
+
+        settings = dict(self.settings)
+        if self.disaggregation_threshold_tokens is not None:
+            settings["disaggregation_threshold_tokens"] = self.disaggregation_threshold_tokens
+        make_policy(self.policy, PrefixIndex(max_blocks_per_worker=1), **settings)
+        return self
 
 
 class ModelRoute(_Strict):
@@ -111,7 +129,7 @@ class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     models: list[ModelRoute] = []
-    routing: RoutingConfig = RoutingConfig()
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     max_queue: int = Field(1024, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(4 << 20, ge=1024)

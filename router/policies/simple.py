@@ -10,7 +10,14 @@ from __future__ import annotations
 import random as _random
 
 from tusk.router.policies.base import RequestOutcome, RoutingDecision, RoutingRequest, WorkerState
-from tusk.router.policies.pools import least_loaded, prefix_key, rendezvous, split_pools
+from tusk.router.policies.pools import (
+    digest64,
+    least_loaded,
+    prefix_key,
+    rendezvous,
+    rendezvous_weight,
+    split_pools,
+)
 
 
 class PoolPolicy:
@@ -74,17 +81,29 @@ class Session(PoolPolicy):
 
 class PrefixHash(PoolPolicy):
     """Consistent hashing on the prompt prefix: the hash of block ``prefix_blocks`` (chained, so
-    it names the whole prefix up to there). Prompts shorter than one block go least-loaded."""
+    it names the whole prefix up to there), with bounded loads (Mirrokni, Thorup, Zadimoghaddam,
+    "Consistent Hashing with Bounded Loads", 2018): a worker already holding more than
+    ``load_factor`` x the mean in-flight count (rounded up) is skipped for the next one in the
+    key's rendezvous order. Prompts shorter than one block go least-loaded."""
 
     name = "prefix_hash"
 
-    def __init__(self, prefix_blocks: int = 1) -> None:
+    def __init__(self, prefix_blocks: int = 1, load_factor: float = 1.25) -> None:
         if prefix_blocks < 1:
             raise ValueError("prefix_blocks must be >= 1")
+        if not load_factor >= 1:
+            raise ValueError("load_factor must be >= 1")
         self.prefix_blocks = prefix_blocks
+        self.load_factor = load_factor
 
     def pick(self, request: RoutingRequest, candidates: list[WorkerState], phase: str) -> WorkerState:
         key = prefix_key(request, self.prefix_blocks)
         if key is None:
             return least_loaded(candidates)
-        return rendezvous(key, candidates)
+        home = rendezvous(key, candidates)
+        cap = -(-self.load_factor * (sum(w.inflight for w in candidates) + 1) // len(candidates))
+        if home.inflight + 1 <= cap:
+            return home
+        k = digest64(key)
+        ordered = sorted(candidates, key=lambda w: -rendezvous_weight(k, w.worker_id))
+        return next((w for w in ordered if w.inflight + 1 <= cap), home)

@@ -62,7 +62,7 @@ class Harness:
         wait_ready: bool = True,
         **settings: Any,
     ) -> tuple[Router, str]:
-        routing = settings.pop("routing", None) or RoutingConfig(policy=policy)
+        routing = settings.pop("routing", None) or RoutingConfig(policy=policy, allow_policy_header=True)
         config = RouterConfig(
             port=0,
             models=[ModelRoute(name=MODEL, tokenizer=str(self.tokenizer_dir), workers=workers)],
