@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Bring tusk up on a local kind cluster and prove it answers:
-#   1. create the kind cluster (kept if it exists)   2. build the images and `kind load` them
+#   1. create the kind cluster (kept if it exists)   2. build the images (scripts/images.sh), `kind load` them
 #   3. helm install the chart                       4. apply deploy/examples/tiny.yaml (CPU, 1P+1D)
 #   5. wait until the ModelDeployment is Ready      6. port-forward the router, send a chat completion
 # Needs docker, kind, kubectl, helm and curl (helm and kubectl: scripts/k8s-tools.py puts them in
 # .tools/bin). Environment overrides: TUSK_KIND_CLUSTER, TUSK_NAMESPACE, TUSK_IMAGE_TAG,
-# TUSK_IMAGE_REGISTRY, TUSK_ROUTER_PORT, KIND_NODE_IMAGE, TUSK_SKIP_BUILD=1 (reuse loaded images),
-# TUSK_READY_TIMEOUT (default 15m).
+# TUSK_IMAGE_REGISTRY, TUSK_ROUTER_PORT, KIND_NODE_IMAGE, TUSK_SKIP_BUILD=1 (reuse built images),
+# TUSK_READY_TIMEOUT (default 15m); scripts/images.sh reads its own (TUSK_BASE_IMAGE, ...).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -19,6 +19,8 @@ NODE_IMAGE="${KIND_NODE_IMAGE:-kindest/node:v1.33.1}"
 READY_TIMEOUT="${TUSK_READY_TIMEOUT:-15m}"
 RELEASE=tusk
 CONTEXT="kind-${CLUSTER}"
+# Exactly what the chart and the operator run here: the CPU worker serves the tiny model.
+IMAGES=(operator router worker-cpu)
 
 # helm and kubectl from scripts/k8s-tools.py, when they are not installed system-wide.
 if [[ -d "${ROOT}/.tools/bin" ]]; then
@@ -55,12 +57,12 @@ else
 fi
 
 log "2/6 images (tag ${TAG})"
-for component in operator router worker-cpu; do
-  image="${REGISTRY}/tusk-${component}:${TAG}"
-  if [[ "${TUSK_SKIP_BUILD:-0}" != "1" ]]; then
-    docker build -f "${ROOT}/deploy/docker/${component}.Dockerfile" -t "${image}" "${ROOT}"
-  fi
-  kind load docker-image --name "${CLUSTER}" "${image}"
+if [[ "${TUSK_SKIP_BUILD:-0}" != "1" ]]; then
+  TUSK_CONTAINER_ENGINE=docker TUSK_IMAGE_REGISTRY="${REGISTRY}" TUSK_IMAGE_TAG="${TAG}" \
+    bash "${ROOT}/scripts/images.sh" "${IMAGES[@]}"
+fi
+for component in "${IMAGES[@]}"; do
+  kind load docker-image --name "${CLUSTER}" "${REGISTRY}/tusk-${component}:${TAG}"
 done
 
 trap diagnose ERR
@@ -72,7 +74,7 @@ helm upgrade --install "${RELEASE}" "${ROOT}/helm/tusk" \
   --set "image.tag=${TAG}" \
   --set "operator.image.repository=${REGISTRY}/tusk-operator" \
   --set "router.image.repository=${REGISTRY}/tusk-router" \
-  --set "operator.workerImage.repository=${REGISTRY}/tusk-worker-cpu" \
+  --set "operator.workerImage.repository=${REGISTRY}/tusk-worker" \
   --wait --timeout 5m
 
 log "4/6 ModelDeployment tiny (1 prefill + 1 decode, CPU)"

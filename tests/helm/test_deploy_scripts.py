@@ -1,15 +1,18 @@
-"""deploy/kind scripts: shellcheck-clean, and up.sh drives the tools in the right order with
-arguments the real chart accepts.
+"""deploy/kind scripts and scripts/images.sh: shellcheck-clean, and they drive the tools in the right
+order with arguments the real chart and Dockerfiles accept.
 
-There is no Docker engine or kind here, so up.sh runs against recording stand-ins for docker,
-kind, kubectl, helm and curl; the helm arguments it used are then replayed through the real helm
-(`helm template`) to prove they render.
+Here up.sh and images.sh run against recording stand-ins for docker, podman, kind, kubectl, helm and
+curl; the helm arguments up.sh used are then replayed through the real helm (`helm template`) to
+prove they render. tests/images/ runs images.sh's real builds.
 """
 
 from __future__ import annotations
 
+import platform
+import re
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -20,9 +23,11 @@ import yaml
 from chartkit import CHART, EXAMPLES_DIR, REPO_ROOT, parse_documents
 
 KIND_DIR = REPO_ROOT / "deploy" / "kind"
-SCRIPTS = [KIND_DIR / "up.sh", KIND_DIR / "down.sh", REPO_ROOT / "scripts" / "k8s-tools.sh"]
-STUBBED = ("docker", "kind", "kubectl", "helm", "curl")
-COREUTILS = ("bash", "basename", "dirname", "grep", "seq", "cat", "sleep", "env", "printf")
+IMAGES_SH = REPO_ROOT / "scripts" / "images.sh"
+SCRIPTS = [KIND_DIR / "up.sh", KIND_DIR / "down.sh", REPO_ROOT / "scripts" / "k8s-tools.sh", IMAGES_SH]
+STUBBED = ("docker", "podman", "kind", "kubectl", "helm", "curl")
+COREUTILS = ("bash", "basename", "dirname", "grep", "seq", "cat", "sleep", "env", "printf", "sed", "head",
+             "mktemp", "id", "uname", "find", "rm", "mkdir", "awk", "tail")  # fmt: skip
 
 STUB = """#!/usr/bin/env bash
 name="$(basename "$0")"
@@ -31,10 +36,13 @@ case "$name $1" in
   "kind get") [[ -n "${STUB_KIND_CLUSTERS:-}" ]] && printf '%s\\n' "$STUB_KIND_CLUSTERS" ;;
   "curl "*) printf '%s\\n' '{"choices": [{"message": {"role": "assistant", "content": "hello"}}]}' ;;
 esac
-if [[ -n "${STUB_FAIL:-}" && "$name $*" == *"$STUB_FAIL"* ]]; then
-  echo "stub: failing '$name $*'" >&2
-  exit 1
-fi
+IFS=';' read -r -a failing <<< "${STUB_FAIL:-}"
+for pattern in "${failing[@]}"; do
+  if [[ -n "$pattern" && "$name $*" == *"$pattern"* ]]; then
+    echo "stub: failing '$name $*'" >&2
+    exit 1
+  fi
+done
 exit 0
 """
 
@@ -105,6 +113,9 @@ def test_up_runs_the_six_steps_in_order(tmp_path):
     built = [c[c.index("-t") + 1] for c in calls if c[:2] == ["docker", "build"]]
     loaded = [c[-1] for c in calls if c[:3] == ["kind", "load", "docker-image"]]
     assert built == loaded == [f"ghcr.io/tusk-dev/tusk-{c}:dev" for c in ("operator", "router", "worker-cpu")]
+    # Built by scripts/images.sh, from the Dockerfiles the image tests check.
+    dockerfiles = [Path(c[c.index("-f") + 1]).name for c in calls if c[:2] == ["docker", "build"]]
+    assert dockerfiles == ["operator.Dockerfile", "router.Dockerfile", "worker.Dockerfile"]
     apply = calls[steps[4]]
     assert apply[-2:] == ["-f", str(EXAMPLES_DIR / "tiny.yaml")]
     assert calls[steps[5]][-3:-1] == ["--for=condition=Ready", "md/tiny"]
@@ -142,7 +153,7 @@ def test_up_helm_arguments_render_with_the_real_chart(tmp_path, tools):
     )
     container = operator["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "ghcr.io/tusk-dev/tusk-operator:dev"
-    assert "--worker-image=ghcr.io/tusk-dev/tusk-worker-cpu:dev" in container["args"]
+    assert "--worker-image=ghcr.io/tusk-dev/tusk-worker-{flavor}:dev" in container["args"]
     # The port-forward targets the Service the chart really creates, on its port.
     forward = calls[_index(calls, "kubectl", "--context", "kind-tusk", "-n", "tusk-system", "port-forward")]
     service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "tusk-router")
@@ -154,7 +165,8 @@ def test_up_reports_cluster_state_when_the_model_never_gets_ready(tmp_path):
     assert code != 0
     assert "up.sh: failed" in err
     assert [c for c in calls if c[:2] == ["kubectl", "--context"] and "md,deploy,pods" in c]
-    assert not [c for c in calls if c[0] == "curl"], "no chat completion after a failed wait"
+    chats = [c for c in calls if c[0] == "curl" and any(a.endswith("/v1/chat/completions") for a in c)]
+    assert not chats, "no chat completion after a failed wait"
 
 
 def test_up_names_a_missing_tool(tmp_path):
@@ -179,3 +191,87 @@ def test_kind_values_file_is_valid_for_the_chart(tools):
     values = yaml.safe_load((KIND_DIR / "values-kind.yaml").read_text())
     assert values["router"]["replicas"] == 1
     tools.run(tools.helm, "lint", "--strict", str(CHART), "--values", str(KIND_DIR / "values-kind.yaml"))
+
+
+# --- scripts/images.sh ---------------------------------------------------------------------------
+
+
+def _builds(calls: list[list[str]], engine: str) -> list[list[str]]:
+    return [c for c in calls if c[:2] == [engine, "build"]]
+
+
+def _build_args(call: list[str]) -> dict[str, str]:
+    return dict(call[i + 1].split("=", 1) for i, a in enumerate(call) if a == "--build-arg")
+
+
+def test_images_builds_the_default_set_on_the_registry_base(tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    code, calls, err = _run(IMAGES_SH, tmp_path, TUSK_BUILD_CA_BUNDLE=str(bundle), TUSK_IMAGE_TAG="t1")
+    assert code == 0, err
+    builds = _builds(calls, "docker")
+    assert [c[c.index("-t") + 1] for c in builds] == [
+        f"ghcr.io/tusk-dev/tusk-{n}:t1" for n in ("operator", "router", "worker-cpu")
+    ]
+    for call in builds:
+        assert call[-1] == str(REPO_ROOT)
+        assert _build_args(call)["BASE_IMAGE"] == "docker.io/library/python:3.11.14-slim-bookworm"
+        assert call[call.index("--secret") + 1] == f"id=ca-bundle,src={bundle}"
+        assert "--network" not in call, "the registry's torch index needs no host network"
+    assert _build_args(builds[2])["ACCELERATOR"] == "cpu"
+    assert "TORCH_INDEX_URL" not in _build_args(builds[2])
+    # Sizes are reported for every image built.
+    assert [c for c in calls if c[:3] == ["docker", "image", "inspect"] and "{{.Size}}" in c]
+
+
+def test_images_without_registry_or_torch_index_uses_a_local_base_and_index(tmp_path):
+    """podman only, no registry (pull fails) and no download.pytorch.org (curl fails): the local
+    debootstrap base (here: already made) and a loopback index serving the local torch wheel."""
+    index_dir = tmp_path / ".cache" / "tusk" / "images" / "torch-index"
+    index_dir.mkdir(parents=True)
+    wheel = f"torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_{platform.machine()}.whl"
+    (index_dir / wheel).write_bytes(b"wheel")
+    code, calls, err = _run(
+        IMAGES_SH,
+        tmp_path,
+        omit=("docker",),
+        STUB_FAIL="inspect docker.io/library/python;pull;curl -fsS",
+        TUSK_BUILD_CA_BUNDLE="",
+    )
+    assert code == 0, err
+    assert not [c for c in calls if c[0] == "docker"]
+    builds = _builds(calls, "podman")
+    assert len(builds) == 3
+    for call in builds:
+        assert _build_args(call)["BASE_IMAGE"] == "localhost/tusk-base:bookworm"
+        dockerfile = call[call.index("-f") + 1]
+        assert call[call.index("--ignorefile") + 1] == f"{dockerfile}.dockerignore"
+    worker = _build_args(builds[2])
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/simple", worker["TORCH_INDEX_URL"])
+    assert builds[2][builds[2].index("--network") + 1] == "host"
+    page = (index_dir / "simple" / "torch" / "index.html").read_text()
+    assert f'href="/{wheel.replace("+", "%2B")}"' in page
+    # The index server is stopped when the script ends.
+    port = int(worker["TORCH_INDEX_URL"].split(":")[2].split("/")[0])
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["worker-tpu"], {}, "unknown image 'worker-tpu'; choose from: operator router worker-cpu"),
+        (["router"], {"TUSK_CONTAINER_ENGINE": "nerdctl"}, "TUSK_CONTAINER_ENGINE must be docker or podman"),
+        (["router"], {"TUSK_BUILD_CA_BUNDLE": "/no/such/ca.pem"}, "is not a readable file"),
+    ],
+)
+def test_images_bad_input_is_one_line(tmp_path, args, env, message):
+    bin_dir = _stub_path(tmp_path)
+    log = tmp_path / "calls.log"
+    environment = {"PATH": str(bin_dir), "STUB_LOG": str(log), "HOME": str(tmp_path), **env}
+    proc = subprocess.run(
+        ["bash", str(IMAGES_SH), *args], capture_output=True, text=True, timeout=60, env=environment
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert "build" not in (log.read_text() if log.exists() else "")
