@@ -185,7 +185,7 @@ def paged_decode_attention(
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Per row: greedy, or temperature -> top-k -> top-p -> inverse-CDF draw with the row's uniform."""
+    """Per row: greedy, or temperature -> min-p -> top-k -> top-p -> inverse-CDF draw with the row's uniform."""
     out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     for row in range(logits.shape[0]):
         row_logits = logits[row].float()
@@ -194,6 +194,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
             out[row] = int(torch.argmax(row_logits))
             continue
         probs = torch.softmax(row_logits / temperature, dim=-1)
+        min_p = 0.0 if batch.min_p is None else float(batch.min_p[row])
+        if min_p > 0.0:
+            probs = torch.where(probs >= min_p * probs.max(), probs, torch.zeros_like(probs))
         top_k = int(batch.top_k[row])
         if 0 < top_k < probs.shape[0]:
             kth = torch.topk(probs, top_k).values[-1]

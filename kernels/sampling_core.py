@@ -17,13 +17,16 @@ import torch
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters. top_k 0 and top_p 0 or >= 1 mean disabled; temperature 0 = greedy."""
+    """Per-row sampling parameters. top_k 0, top_p 0 or >= 1 and min_p 0 (or no min_p tensor)
+    mean disabled; temperature 0 = greedy. min_p (vLLM's) drops tokens whose probability after
+    temperature is below min_p times the most likely token's, before top-k and top-p."""
 
     temperature: torch.Tensor
     top_p: torch.Tensor
     top_k: torch.Tensor
     seeds: list[int | None]
     steps: list[int]
+    min_p: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.temperature.shape[0]
@@ -33,6 +36,8 @@ class SamplingBatch:
             "seeds": len(self.seeds),
             "steps": len(self.steps),
         }
+        if self.min_p is not None:
+            lengths["min_p"] = self.min_p.shape[0]
         wrong = {k: v for k, v in lengths.items() if v != n}
         if wrong:
             raise ValueError(f"SamplingBatch: temperature has {n} rows but {wrong}")
@@ -61,6 +66,17 @@ def row_uniform(batch: SamplingBatch, row: int) -> float:
 def reseed_process_generator(seed: int) -> None:
     """Make unseeded rows reproducible within a process (EngineConfig.seed)."""
     _process_generator.manual_seed(seed)
+
+
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tensor:
+    """Zero the probabilities below ``min_p * max(probs)`` per row (rows with min_p 0 unchanged)."""
+    if min_p is None:
+        return probs
+    min_p = min_p.to(device=probs.device, dtype=probs.dtype)
+    if not bool((min_p > 0).any()):
+        return probs
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p.reshape(-1, 1)
+    return torch.where(probs >= threshold, probs, torch.zeros_like(probs))
 
 
 def cdf_dtype(device: torch.device) -> torch.dtype:

@@ -10,7 +10,7 @@ vocabulary order as the reference, so a seeded row picks the same token on eithe
 from __future__ import annotations
 
 import torch
-from tusk.kernels.sampling_core import SamplingBatch, cdf_dtype, row_uniform
+from tusk.kernels.sampling_core import SamplingBatch, apply_min_p, cdf_dtype, row_uniform
 
 TOP_P_CANDIDATES = 1024
 
@@ -24,7 +24,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if any_greedy and bool(greedy.all()):
         return torch.argmax(logits, dim=-1)
     safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
-    probs = torch.softmax(logits.float() / safe_temperature[:, None], dim=-1)
+    probs = apply_min_p(torch.softmax(logits.float() / safe_temperature[:, None], dim=-1), batch.min_p)
     top_k = batch.top_k.to(device=device, dtype=torch.int64)
     top_p = batch.top_p.to(device=device, dtype=torch.float32)
     k_active = (top_k > 0) & (top_k < vocab) & ~greedy

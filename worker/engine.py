@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import tusk.kernels as K
 from tusk.kernels.sampling_core import reseed_process_generator
+from tusk.kernels.sampling_penalties import TokenLogprobs
 from tusk.worker import loader
 from tusk.worker.block_manager import BlockManager
 from tusk.worker.connector import KvConnector, TierConnector
@@ -27,7 +28,7 @@ from tusk.worker.kv_transfer import kv_fingerprint
 from tusk.worker.model_runner import ModelRunner
 from tusk.worker.models.llama import LlamaModel
 from tusk.worker.scheduler import Scheduler
-from tusk.worker.sequence import FinishReason, SamplingParams, Sequence
+from tusk.worker.sequence import FinishReason, SamplingParams, Sequence, check_sampling
 
 from tusk.config import EngineConfig, KVTierConfig, Role
 from tusk.kvformat import ModelFingerprint
@@ -51,6 +52,7 @@ class RequestOutput:
     cached_tokens: int = 0  # prompt tokens whose KV was reused (device cache or tier)
     computed_tokens: int = 0
     block_hashes: list[int] = field(default_factory=list)  # full prompt blocks (prefill results)
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked
 
 
 @dataclass
@@ -90,10 +92,7 @@ class LLMEngine:
         self.device = pick_device(config.device)
         self.dtype = loader.choose_dtype(config.dtype, spec, self.device)
 
-        limit = spec.max_position_embeddings
-        if spec.sliding_window:
-            # No sliding-window attention kernel: stay within the window, where it is exact.
-            limit = min(limit, spec.sliding_window)
+        limit = spec.context_limit
         if config.max_model_len and config.max_model_len > limit:
             raise loader.ModelLoadError(
                 f"max_model_len {config.max_model_len} exceeds what the model supports ({limit})"
@@ -115,7 +114,7 @@ class LLMEngine:
         # Same fingerprint as the tier's keys use, whether or not a tier is attached.
         self.fingerprint: ModelFingerprint = kv_fingerprint(self.model_id, self.kv_cache)
         self.blocks = BlockManager(self.num_blocks, self.block_size)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.block_size)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.block_size, self.spec.eos_token_ids)
         self.connector: KvConnector | None = None
         if connector_factory is not None:
             self.connector = connector_factory(self)
@@ -196,8 +195,9 @@ class LLMEngine:
             bad.append(first_token)
         if bad:
             raise InvalidRequest(f"token ids outside the vocabulary [0, {vocab}): {bad[:8]}")
-        if sampling.temperature < 0 or sampling.top_p < 0 or sampling.top_k < 0:
-            raise InvalidRequest("temperature, top_p and top_k must not be negative")
+        problem = check_sampling(sampling)
+        if problem:
+            raise InvalidRequest(problem)
         needed = -(-(len(prompt) + 1) // self.block_size)
         if needed > self.num_blocks:
             raise InvalidRequest(
@@ -293,10 +293,12 @@ class LLMEngine:
             # Before any sequence finishes below: its blocks are snapshotted while still its own.
             self._write_through(new_full)
 
-        for item, token in zip(batch, sampled, strict=True):
+        step_logprobs = self.runner.last_logprobs
+        for index, (item, token) in enumerate(zip(batch, sampled, strict=True)):
             seq = item.seq
             if token is None:
                 continue
+            logprobs = [step_logprobs[index]] if index in step_logprobs else None
             seq.tokens.append(token)
             self.num_generated_tokens += 1
             if seq.first_token_time is None:
@@ -307,7 +309,9 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason or FinishReason.LENGTH)
                 # A prefill that did not end the request reports no finish reason: it goes on
                 # on a decode worker.
-                outputs.append(self._final(seq, [token], reason, continues=reason is None))
+                final = self._final(seq, [token], reason, continues=reason is None)
+                final.logprobs = logprobs
+                outputs.append(final)
             else:
                 outputs.append(
                     RequestOutput(
@@ -316,6 +320,7 @@ class LLMEngine:
                         False,
                         prompt_tokens=len(seq.prompt),
                         cached_tokens=max(seq.num_cached_prompt, 0),
+                        logprobs=logprobs,
                     )
                 )
         self._collect_events()

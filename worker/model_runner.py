@@ -6,18 +6,32 @@ chunks) and how block tables become cache slots, so the scheduler can stay pure 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import tusk.kernels as K
+from tusk.kernels.sampling_penalties import (
+    PenaltyRows,
+    TokenLogprobs,
+    apply_penalties,
+    mask_tokens,
+    token_logprobs,
+)
 from tusk.worker.models.llama import AttentionMetadata, LlamaModel
 from tusk.worker.scheduler import ScheduledSeq
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int) -> None:
+    def __init__(
+        self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, eos_token_ids: Iterable[int] = ()
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = model.device
+        self.eos_token_ids = tuple(eos_token_ids)
+        # Logprobs of the last step's sampled tokens, by index in its batch (rows that asked).
+        self.last_logprobs: dict[int, TokenLogprobs] = {}
 
     def run(self, batch: list[ScheduledSeq]) -> list[int | None]:
         """The token sampled for each scheduled sequence (None where its chunk ends mid-prompt)."""
@@ -71,11 +85,53 @@ class ModelRunner:
             self.kv_cache,
             torch.tensor(logits_rows, dtype=torch.int64, device=dev),
         )
+        self.last_logprobs = {}
         if sampled_items:
-            tokens = K.sample(logits, self._sampling_batch([batch[i] for i in sampled_items])).tolist()
+            items = [batch[i] for i in sampled_items]
+            raw = logits
+            logits = self._process_logits(logits, items)
+            tokens = K.sample(logits, self._sampling_batch(items)).tolist()
             for i, tok in zip(sampled_items, tokens, strict=True):
                 results[i] = int(tok)
+            wanted = [r for r, s in enumerate(items) if s.seq.sampling.logprobs is not None]
+            if wanted:
+                found = token_logprobs(
+                    raw,
+                    wanted,
+                    [int(tokens[r]) for r in wanted],
+                    [items[r].seq.sampling.logprobs or 0 for r in wanted],
+                )
+                for r, entry in zip(wanted, found, strict=True):
+                    self.last_logprobs[sampled_items[r]] = entry
         return results
+
+    def _process_logits(self, logits: torch.Tensor, items: list[ScheduledSeq]) -> torch.Tensor:
+        """min_tokens masking, then penalties (vLLM's order); a copy only when some row needs it."""
+        masked = [
+            (r, [*(() if s.seq.sampling.ignore_eos else self.eos_token_ids), *s.seq.sampling.stop_token_ids])
+            for r, s in enumerate(items)
+            if s.seq.num_outputs < s.seq.sampling.min_tokens
+        ]
+        penalized = [r for r, s in enumerate(items) if s.seq.sampling.has_penalties]
+        if not masked and not penalized:
+            return logits
+        logits = logits.float().clone()
+        if masked:
+            mask_tokens(logits, [r for r, _ in masked], [ids for _, ids in masked])
+        if penalized:
+            seqs = [items[r].seq for r in penalized]
+            apply_penalties(
+                logits,
+                PenaltyRows(
+                    rows=penalized,
+                    prompt_tokens=[s.prompt for s in seqs],
+                    output_tokens=[s.outputs for s in seqs],
+                    repetition=[s.sampling.repetition_penalty for s in seqs],
+                    presence=[s.sampling.presence_penalty for s in seqs],
+                    frequency=[s.sampling.frequency_penalty for s in seqs],
+                ),
+            )
+        return logits
 
     def _tables(self, items: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
         context = [s.seq.num_computed + s.num_tokens for s in items]
@@ -98,4 +154,7 @@ class ModelRunner:
             top_k=torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.int32, device=dev),
             seeds=[p.seed for p in params],
             steps=[s.seq.num_outputs for s in items],
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+            if any(p.min_p > 0 for p in params)
+            else None,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,48 @@ class SamplingParams:
     max_tokens: int = 16
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None = no logprobs; n = the sampled token's plus the top n
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs and vLLM's default max_logprobs
+
+
+def check_sampling(sp: SamplingParams) -> str | None:
+    """Why these parameters cannot be honoured, or None. NaN and infinities are refused here too:
+    a NaN temperature would otherwise turn every logit into NaN and emit the last token forever."""
+    floats = {
+        "temperature": sp.temperature,
+        "top_p": sp.top_p,
+        "min_p": sp.min_p,
+        "repetition_penalty": sp.repetition_penalty,
+        "presence_penalty": sp.presence_penalty,
+        "frequency_penalty": sp.frequency_penalty,
+    }
+    bad = [name for name, value in floats.items() if not math.isfinite(value)]
+    if bad:
+        return f"{', '.join(bad)} must be finite numbers"
+    if sp.temperature < 0 or sp.top_p < 0 or sp.top_k < 0:
+        return "temperature, top_p and top_k must not be negative"
+    if not 0 <= sp.min_p <= 1:
+        return f"min_p must be in [0, 1], got {sp.min_p}"
+    if sp.repetition_penalty <= 0:
+        return f"repetition_penalty must be > 0, got {sp.repetition_penalty}"
+    if not (-2 <= sp.presence_penalty <= 2 and -2 <= sp.frequency_penalty <= 2):
+        return "presence_penalty and frequency_penalty must be in [-2, 2]"
+    if sp.min_tokens < 0 or sp.min_tokens > sp.max_tokens:
+        return f"min_tokens must be in [0, max_tokens={sp.max_tokens}], got {sp.min_tokens}"
+    if sp.logprobs is not None and not 0 <= sp.logprobs <= MAX_LOGPROBS:
+        return f"logprobs must be in [0, {MAX_LOGPROBS}], got {sp.logprobs}"
+    return None
 
 
 @dataclass

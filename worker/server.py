@@ -55,6 +55,18 @@ def sampling_from_proto(sp: pb.SamplingParams) -> SamplingParams:
         max_tokens=sp.max_tokens,
         stop_token_ids=tuple(sp.stop_token_ids),
         ignore_eos=sp.ignore_eos,
+        min_p=sp.min_p,
+        min_tokens=sp.min_tokens,
+        repetition_penalty=sp.repetition_penalty if sp.repetition_penalty != 0 else 1.0,
+        presence_penalty=sp.presence_penalty,
+        frequency_penalty=sp.frequency_penalty,
+        logprobs=sp.logprobs if sp.HasField("logprobs") else None,
+    )
+
+
+def logprob_to_proto(entry) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        logprob=entry.logprob, top_token_ids=entry.top_ids, top_logprobs=entry.top_logprobs
     )
 
 
@@ -238,16 +250,19 @@ class WorkerService(rpc.WorkerServicer):
                     while not queue.empty():  # coalesce tokens that piled up since the last send
                         batch.append(queue.get_nowait())
                     tokens: list[int] = []
+                    logprobs: list[pb.TokenLogprob] = []
                     reason = pb.FINISH_REASON_UNSPECIFIED
                     for out in batch:
                         if isinstance(out, Exception):
                             finished = True
                             await context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {out}")
                         tokens += out.new_token_ids
+                        if out.logprobs:
+                            logprobs += [logprob_to_proto(e) for e in out.logprobs]
                         if out.finished:
                             finished = True
                             reason = _FINISH[out.finish_reason or FinishReason.ABORT]
-                    message = pb.GenerateResponse(token_ids=tokens, finish_reason=reason)
+                    message = pb.GenerateResponse(token_ids=tokens, finish_reason=reason, logprobs=logprobs)
                     if first:
                         message.prompt_tokens = len(request.prompt_token_ids)
                         message.cached_tokens = batch[0].cached_tokens
@@ -299,6 +314,7 @@ class WorkerService(rpc.WorkerServicer):
             computed_tokens=out.computed_tokens,
             blocks_in_tier=in_tier,
             finish_reason=reason,
+            first_token_logprob=logprob_to_proto(out.logprobs[0]) if out.logprobs else None,
         )
 
     async def _blocks_in_tier(self, request_id: str, out: RequestOutput) -> int:
