@@ -251,7 +251,8 @@ def test_operator_mode_flags_are_accepted_by_the_operator(render):
 
 def test_operator_knows_the_worker_image_router_url_and_peering(render):
     _, args = _operator_args(render, SCENARIOS[0])
-    assert args.worker_image == "ghcr.io/tusk-dev/tusk-worker-cpu:0.1.0"
+    # A template: the operator fills in the flavor (cpu, cuda, rocm, xpu) from each accelerator.
+    assert args.worker_image == "ghcr.io/tusk-dev/tusk-worker-{flavor}:0.1.0"
     assert args.router_url == f"http://{RELEASE}-router.{NAMESPACE}.svc:80/v1"
     assert args.image_pull_policy == "IfNotPresent" and not args.standalone
     objects = render(SCENARIOS[0])
@@ -264,8 +265,8 @@ def test_operator_knows_the_worker_image_router_url_and_peering(render):
 
 def test_operator_probes_use_the_health_endpoint(render):
     container, args = _operator_args(render, SCENARIOS[0])
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert container["ports"] == [{"name": "health", "containerPort": args.health_port, "protocol": "TCP"}]
 
 
@@ -305,9 +306,8 @@ def test_helm_test_hook_sends_a_chat_completion(render):
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     container = pod["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["URL"] == f"http://{RELEASE}-router.{NAMESPACE}.svc:80/v1/chat/completions"
-    body = json.loads(env["BODY"])
-    assert body["model"] == "tiny" and body["messages"][0]["role"] == "user" and body["max_tokens"] == 8
+    assert env["BASE_URL"] == f"http://{RELEASE}-router.{NAMESPACE}.svc:80/v1"
+    assert (env["MODEL"], env["MAX_TOKENS"]) == ("", "8")
     assert re.fullmatch(r"docker\.io/curlimages/curl:\d+\.\d+\.\d+", container["image"])
     assert pod["spec"]["restartPolicy"] == "Never"
 
@@ -409,7 +409,9 @@ def test_router_autoscaling_owns_the_replica_count(render, tools):
         "name": f"{RELEASE}-router",
     }
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
-    assert "replicas" not in one(objects, "Deployment", f"{RELEASE}-router")["spec"]
+    # Rendered, not left out: a missing spec.replicas would drop the router to 1 on the upgrade that
+    # turns the HPA on. Without a live Deployment (first install, `helm template`) it is minReplicas.
+    assert one(objects, "Deployment", f"{RELEASE}-router")["spec"]["replicas"] == 2
     assert not by_kind(render(SCENARIOS[0]), "HorizontalPodAutoscaler")
     bad = ("--set", "router.autoscaling.enabled=true", "--set", "router.autoscaling.minReplicas=9")
     proc = tools.run(tools.helm, *template_args(SCENARIOS[0], *bad), check=False)

@@ -11,10 +11,12 @@ from collections import defaultdict
 
 import pytest
 import yaml
-from chartkit import CHART, RELEASE, SCENARIOS, by_kind
+from chartkit import CHART, NAMESPACE, RELEASE, SCENARIOS, by_kind
 from tusk.operator import manifests
 
 REGENERATE = "run: python -m tusk.operator.manifests write-chart helm/tusk"
+# Cluster-scoped names carry the release namespace, so two releases never share one.
+OPERATOR_CLUSTER_NAME = f"{NAMESPACE}-{RELEASE}-operator"
 
 
 def test_committed_chart_files_equal_what_the_operator_generates(tmp_path):
@@ -49,21 +51,23 @@ def _operator_subject(binding) -> bool:
 
 def test_all_namespaces_operator_gets_exactly_the_generated_rules(render):
     objects = render(SCENARIOS[0])
-    roles = [r for r in by_kind(objects, "ClusterRole") if r["metadata"]["name"] == f"{RELEASE}-operator"]
+    roles = [r for r in by_kind(objects, "ClusterRole") if r["metadata"]["name"] == OPERATOR_CLUSTER_NAME]
     assert len(roles) == 1
     assert roles[0]["rules"] == manifests.rbac_rules()
-    assert not by_kind(objects, "Role"), "an all-namespaces install needs no Roles"
+    assert not [r for r in by_kind(objects, "Role") if r["metadata"]["name"] == f"{RELEASE}-operator"], (
+        "an all-namespaces install needs no Roles for the operator's rules"
+    )
     (binding,) = [
-        b for b in by_kind(objects, "ClusterRoleBinding") if b["metadata"]["name"] == f"{RELEASE}-operator"
+        b for b in by_kind(objects, "ClusterRoleBinding") if b["metadata"]["name"] == OPERATOR_CLUSTER_NAME
     ]
-    assert binding["roleRef"]["name"] == f"{RELEASE}-operator" and _operator_subject(binding)
+    assert binding["roleRef"]["name"] == OPERATOR_CLUSTER_NAME and _operator_subject(binding)
 
 
 def test_namespaced_operator_splits_the_generated_rules_without_widening_them(render):
     objects = render(SCENARIOS[3])
     expected = _grants(manifests.rbac_rules())
     (cluster_role,) = [
-        r for r in by_kind(objects, "ClusterRole") if r["metadata"]["name"] == f"{RELEASE}-operator"
+        r for r in by_kind(objects, "ClusterRole") if r["metadata"]["name"] == OPERATOR_CLUSTER_NAME
     ]
     cluster = _grants(cluster_role["rules"])
     # Only cluster-scoped resources stay cluster-wide.
@@ -86,19 +90,20 @@ def test_namespaced_operator_splits_the_generated_rules_without_widening_them(re
 
 
 @pytest.mark.parametrize("scenario", [SCENARIOS[0], SCENARIOS[3]], ids=["all-namespaces", "namespaced"])
-def test_router_can_only_read_pods_and_endpointslices(render, scenario):
+def test_router_can_only_list_and_watch_pods_and_modeldeployments(render, scenario):
     objects = render(scenario)
     roles = [
         r
         for r in by_kind(objects, "ClusterRole") + by_kind(objects, "Role")
-        if r["metadata"]["name"] == f"{RELEASE}-router"
+        if r["metadata"]["name"] in (f"{RELEASE}-router", f"{NAMESPACE}-{RELEASE}-router")
     ]
-    assert roles
+    assert len(roles) == 1
     for role in roles:
-        assert _grants(role["rules"]) == {
-            ("", "pods"): {"get", "list", "watch"},
-            ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
-        }
+        grants = _grants(role["rules"])
+        assert grants[("", "pods")] == {"list", "watch"}
+        assert grants[("tusk.dev", "modeldeployments")] == {"list", "watch"}
+        assert all(verbs <= {"get", "list", "watch"} for verbs in grants.values()), "the router only reads"
+        assert ("", "secrets") not in grants
 
 
 def test_rbac_file_is_a_plain_rule_list():

@@ -19,7 +19,16 @@ from pathlib import Path
 import kmock
 import pytest
 import yaml
-from chartkit import EXAMPLES_DIR, NAMESPACE, SCENARIO_IDS, SCENARIOS, Tools, parse_documents, template_args
+from chartkit import (
+    EXAMPLES_DIR,
+    KUBE_VERSION,
+    NAMESPACE,
+    SCENARIO_IDS,
+    SCENARIOS,
+    Tools,
+    parse_documents,
+    template_args,
+)
 
 # Kinds served by CRDs that are not in the chart (the Prometheus Operator's).
 PROMETHEUS_OPERATOR_KINDS = {
@@ -38,6 +47,12 @@ class _Emulator(kmock.KubernetesEmulator):
         payload = await super()._serve_version(request)
         payload["groupVersion"] = payload["groupVersion"].lstrip("/")
         return payload
+
+    async def _serve_server_version(self, request):
+        """A Kubernetes the chart supports (kmock says 1.26, which Chart.yaml's kubeVersion refuses)."""
+        payload = await super()._serve_server_version(request)
+        major, minor, _ = KUBE_VERSION.split(".")
+        return {**payload, "major": major, "minor": minor, "gitVersion": f"v{KUBE_VERSION}"}
 
 
 class EmulatedCluster:
@@ -169,3 +184,54 @@ def test_dry_run_rejects_a_kind_the_cluster_does_not_serve(tools, cluster, tmp_p
     proc = _kubectl(tools, kubeconfig, "apply", "--dry-run=client", "--validate=false", "-f", str(manifest))
     assert proc.returncode != 0
     assert "no matches for kind" in proc.stderr
+
+
+def test_autoscaling_upgrade_keeps_the_live_router_count(tools, cluster, tmp_path):
+    """Turning the HPA on (or any upgrade with it on) renders the Deployment's live replica count,
+    which `lookup` reads from the API server: never the API server's default of 1 that a missing
+    spec.replicas would leave after helm's three-way merge, and never a reset of the HPA's choice."""
+    from chartkit import CHART, RELEASE, _isolated_env
+
+    _, kubeconfig = cluster
+    namespace = "hpa-upgrade"
+    live = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": f"{RELEASE}-router",
+            "namespace": namespace,
+            # What the previous release left: helm checks ownership before it renders over it.
+            "labels": {"app.kubernetes.io/managed-by": "Helm"},
+            "annotations": {
+                "meta.helm.sh/release-name": RELEASE,
+                "meta.helm.sh/release-namespace": namespace,
+            },
+        },
+        "spec": {
+            "replicas": 5,
+            "selector": {"matchLabels": {"app": "router"}},
+            "template": {
+                "metadata": {"labels": {"app": "router"}},
+                "spec": {"containers": [{"name": "r", "image": "r"}]},
+            },
+        },
+    }
+    manifest = tmp_path / "live.yaml"
+    manifest.write_text(yaml.safe_dump(live))
+    created = _kubectl(tools, kubeconfig, "create", "--validate=false", "-f", str(manifest))
+    assert created.returncode == 0, created.stderr
+
+    def replicas(*settings: str) -> int:
+        args = ["template", RELEASE, str(CHART), "--namespace", namespace, "--dry-run=server",
+                "--disable-openapi-validation", "--show-only", "templates/router/deployment.yaml", *settings]  # fmt: skip
+        env = {**_isolated_env(), "KUBECONFIG": str(kubeconfig)}
+        proc = subprocess.run([str(tools.helm), *args], capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        (deployment,) = parse_documents(proc.stdout)
+        return deployment["spec"]["replicas"]
+
+    assert replicas("--set", "router.autoscaling.enabled=true") == 5
+    assert (
+        replicas("--set", "router.autoscaling.enabled=true", "--set", "router.autoscaling.minReplicas=6") == 6
+    )
+    assert replicas() == 2, "without the HPA the chart's fixed count applies"

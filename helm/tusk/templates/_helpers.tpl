@@ -47,6 +47,35 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "tusk.router.fullname" -}}{{ include "tusk.fullname" . }}-router{{- end }}
 {{- define "tusk.kvtier.fullname" -}}{{ include "tusk.fullname" . }}-kv{{- end }}
 
+{{/* Name of a cluster-scoped object (ClusterRole, ClusterRoleBinding, ClusterKopfPeering): it carries
+the release namespace, so two releases of the same name in different namespaces never share one.
+Call with (dict "ctx" $ "component" "operator"). */}}
+{{- define "tusk.clusterScopedName" -}}
+{{- printf "%s-%s-%s" .ctx.Release.Namespace (include "tusk.fullname" .ctx) .component | trunc 253 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The worker image template handed to the operator (--worker-image): "<repository>-{flavor}:<tag>";
+the operator puts cpu, cuda, rocm or xpu in place of {flavor} from each ModelDeployment's accelerator. */}}
+{{- define "tusk.operator.workerImage" -}}
+{{- $image := .Values.operator.workerImage -}}
+{{- $tag := $image.tag | default .Values.image.tag | default .Chart.AppVersion -}}
+{{- printf "%s-{flavor}:%s" $image.repository (toString $tag) }}
+{{- end }}
+
+{{/* The router's replica count: values when it is fixed. With the HPA on, the live Deployment's count
+(so an upgrade never resets what the HPA chose, and switching the HPA on never drops the router to
+the API server's default of 1), or minReplicas on first install and with `helm template`. */}}
+{{- define "tusk.router.replicas" -}}
+{{- $r := .Values.router -}}
+{{- if $r.autoscaling.enabled -}}
+{{- $live := lookup "apps/v1" "Deployment" .Release.Namespace (include "tusk.router.fullname" .) -}}
+{{- $current := int (dig "spec" "replicas" 0 $live) -}}
+{{- max $current (int $r.autoscaling.minReplicas) -}}
+{{- else -}}
+{{- int $r.replicas -}}
+{{- end -}}
+{{- end }}
+
 {{/* Namespaces the operator watches when it is namespaced: the list, or the release namespace. */}}
 {{- define "tusk.operator.namespaces" -}}
 {{- $ns := .Values.operator.namespaces | default (list .Release.Namespace) -}}
@@ -68,4 +97,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- $url := include "tusk.kvtier.url" . -}}
 {{- if $url }}{{ $_ := set $base "kv_tier_url" $url }}{{ end -}}
 {{- toJson (mergeOverwrite (deepCopy .Values.router.config) $base) }}
+{{- end }}
+
+{{/* "true" when the operator runs Lease-based leader election (--leader-elect): whenever it is switched
+on, and always with more than one replica, since standbys must never reconcile. Empty otherwise. */}}
+{{- define "tusk.operator.leaderElect" -}}
+{{- $op := .Values.operator -}}
+{{- if or $op.leaderElection.enabled (gt (int $op.replicas) 1) }}true{{ end -}}
 {{- end }}
