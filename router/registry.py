@@ -18,7 +18,7 @@ from tusk.router.prefix_index import PrefixIndex
 from tusk.router.tokenizer import ModelTokenizer
 from tusk.router.workers import WorkerClient
 
-from tusk.config import Role, RoutingConfig
+from tusk.config import Role, RoutingConfig, WorkerEndpoint
 from tusk.protocol import pb
 
 log = logging.getLogger("tusk.router.registry")
@@ -72,6 +72,7 @@ class ModelRuntime:
         self.clients: dict[str, WorkerClient] = {}
         self._policies: dict[str, Policy] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self.http = None  # HttpRoutes when OpenAI HTTP servers (vLLM, SGLang) serve this model
         self.default_policy = self.policy(routing.policy)
 
     def policy(self, name: str | None) -> Policy:
@@ -108,6 +109,8 @@ class ModelRuntime:
 
     def can_serve(self) -> bool:
         """A request can complete: some healthy worker decodes (prefill-only workers cannot)."""
+        if self.http is not None and self.http.has_ready():
+            return True
         return any(c.state.healthy and c.state.can_decode for c in self.clients.values())
 
     has_ready_worker = can_serve  # the request path's name for it
@@ -133,6 +136,17 @@ class ModelRuntime:
         client.start()
         log.info("worker added", extra={"model": self.name, "worker": address, "role": str(role)})
         return client
+
+    def add_endpoint(self, endpoint: WorkerEndpoint) -> None:
+        """A configured endpoint: a tusk worker (gRPC) or an OpenAI HTTP server."""
+        if endpoint.protocol != "http":
+            self.add_worker(endpoint.address, endpoint.role)
+            return
+        from tusk.router.http_backend import HttpRoutes
+
+        if self.http is None:
+            self.http = HttpRoutes(self)
+        self.http.add(endpoint)
 
     def detach_worker(self, address: str, grace_s: float) -> None:
         """Stop routing to a worker at once (synchronously, so discovery applies events in
@@ -166,6 +180,8 @@ class ModelRuntime:
             await self.remove_worker(address)
         for task in list(self._closing):
             task.cancel()
+        if self.http is not None:
+            await self.http.close()
 
     def _worker_changed(self, client: WorkerClient) -> None:
         if not client.state.healthy:
