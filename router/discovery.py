@@ -141,7 +141,7 @@ class StaticDiscovery:
             )
             self.registry.add(runtime)
             for endpoint in route.workers:
-                runtime.add_worker(endpoint.address, endpoint.role)
+                runtime.add_endpoint(endpoint)
 
     async def stop(self) -> None:
         return None
