@@ -143,6 +143,12 @@ class RouterAPI:
                 raise overloaded()
             self.inflight += 1
             admitted = True
+            from tusk.router.http_backend import maybe_proxy  # imported here: it imports this module
+
+            proxied = await maybe_proxy(self, request, raw, kind)  # models on OpenAI HTTP servers
+            if proxied is not None:
+                admitted = False  # the proxy releases the slot when its response ends
+                return proxied
             prepared = await self._prepare(request, raw, kind, rid)
             model = prepared.runtime.name
             if prepared.body.stream:
