@@ -18,13 +18,26 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import httpx
+import msgspec
 from prometheus_client.parser import text_string_to_metric_families
-from tusk.router.policies.base import WorkerState
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from tusk.router.api import INLINE_ENCODE_CHARS, POLICY_HEADER, SESSION_HEADER
+from tusk.router.dispatch import MAX_ATTEMPTS
+from tusk.router.errors import bad_request, no_worker, worker_failed
+from tusk.router.policies.base import NoWorkerAvailable, RoutingRequest, WorkerState
 from tusk.router.prefix_index import PrefixIndex
+from tusk.router.tokenizer import ModelTokenizer
 
-from tusk.config import Role
+from tusk.config import Role, WorkerEndpoint
+from tusk.hashing import block_hashes
+
+if TYPE_CHECKING:
+    from tusk.router.api import RouterAPI
+    from tusk.router.registry import ModelRuntime
 
 log = logging.getLogger("tusk.router.http_backend")
 
@@ -80,9 +93,12 @@ class HttpBackend:
         self.exact_events = exact_events  # the prefix index is fed by this server's KV events
         self.scraped = False
 
-    def apply(self, sample: LoadSample) -> None:
+    def apply(self, sample: LoadSample, prompt_tokens: float) -> None:
+        """``prompt_tokens``: the mean prompt routed lately; the metrics count queued requests,
+        the ``cost`` policy weighs queued prefill tokens."""
         s = self.state
         s.queued_requests = sample.waiting
+        s.queued_prefill_tokens = round(sample.waiting * prompt_tokens)
         s.running_requests = sample.running
         if sample.num_blocks:
             s.total_blocks = sample.num_blocks
@@ -111,6 +127,10 @@ class HttpBackendPool:
         self._task: asyncio.Task[None] | None = None
         self._on_change = on_change
         self.synced = asyncio.Event()
+        self.mean_prompt_tokens = 512.0  # EWMA of routed prompt lengths (see HttpBackend.apply)
+
+    def observe_prompt(self, tokens: int) -> None:
+        self.mean_prompt_tokens += 0.05 * (tokens - self.mean_prompt_tokens)
 
     def add(self, address: str, role: Role = Role.BOTH, *, exact_events: bool = False) -> HttpBackend:
         backend = self.backends.get(address)
@@ -162,7 +182,7 @@ class HttpBackendPool:
             sample, healthy = None, False
         backend.scraped = True
         if sample is not None:
-            backend.apply(sample)
+            backend.apply(sample, self.mean_prompt_tokens)
         if healthy != backend.state.healthy:
             backend.state.healthy = healthy
             if not healthy and not backend.exact_events:
@@ -170,3 +190,221 @@ class HttpBackendPool:
             log.info("model server health changed", extra={"worker": backend.address, "healthy": healthy})
             if self._on_change is not None:
                 self._on_change(backend)
+
+
+# -- the request path: the tusk router in front of OpenAI HTTP servers ------------------------------
+
+INLINE_HASH_TOKENS = 8192  # longer prompts are hashed on a thread: 100k tokens take ~50 ms
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+async def prompt_token_ids(tokenizer: ModelTokenizer, body: dict[str, Any]) -> list[int]:
+    """The prompt's token ids as the router would send them to a tusk worker (same chat template,
+    same tokenizer), for routing only: the server re-tokenizes the body it receives. A body
+    without a recognisable prompt gives [] (routed by load; the server judges the body)."""
+    messages = body.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise bad_request("messages must be a list of objects", param="messages")
+        text = tokenizer.render_chat(
+            [{"role": str(m.get("role", "user")), "content": _message_text(m)} for m in messages]
+        )
+        special = False
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return prompt
+        if not isinstance(prompt, str):
+            return []
+        text, special = prompt, True
+    if len(text) < INLINE_ENCODE_CHARS:
+        return tokenizer.encode(text, add_special_tokens=special)
+    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=special)
+
+
+async def prompt_block_hashes(ids: list[int], block_size: int) -> list[int]:
+    if len(ids) < INLINE_HASH_TOKENS:
+        return block_hashes(ids, block_size)
+    return await asyncio.to_thread(block_hashes, ids, block_size)
+
+
+class HttpRoutes:
+    """A model's OpenAI HTTP servers inside the tusk router: pool, KV event feeds, proxy."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self.runtime = runtime
+        self.pool = HttpBackendPool(runtime.index, interval_s=runtime.poll_interval_s)
+        self.subscribers: list[Any] = []
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=5.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024),
+        )
+        self._started = False
+
+    def add(self, endpoint: WorkerEndpoint) -> HttpBackend:
+        backend = self.pool.add(endpoint.address, endpoint.role, exact_events=bool(endpoint.kv_events))
+        if endpoint.kv_events:
+            from tusk.router.kv_events_zmq import EngineEventFeed, ZmqKvEventSubscriber
+
+            feed = EngineEventFeed(self.runtime.index, endpoint.address, self.runtime.block_size)
+            subscriber = ZmqKvEventSubscriber(feed, endpoint.kv_events, endpoint.kv_events_replay)
+            self.subscribers.append(subscriber)
+            if self._started:
+                subscriber.start()
+        if not self._started:
+            self._started = True
+            self.pool.start()
+            for subscriber in self.subscribers:
+                subscriber.start()
+        return backend
+
+    def has_ready(self) -> bool:
+        return any(b.state.healthy for b in self.pool.backends.values())
+
+    async def close(self) -> None:
+        for subscriber in self.subscribers:
+            await subscriber.close()
+        await self.pool.close()
+        await self.client.aclose()
+
+    def route(
+        self,
+        ids: list[int],
+        hashes: list[int],
+        headers: Any,
+        body: dict[str, Any],
+        excluded: set[str] | None = None,
+        states: list[WorkerState] | None = None,
+    ) -> HttpBackend:
+        """The policy's choice among ``states`` (default: every healthy server not excluded)."""
+        runtime = self.runtime
+        if states is None:
+            states = [s for s in self.pool.states() if not excluded or s.address not in excluded]
+        if not states:
+            raise no_worker(runtime.name)
+        user = body.get("user")
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+        request = RoutingRequest(
+            request_id=headers.get("x-request-id") or "",
+            block_hashes=hashes,
+            prompt_tokens=len(ids),
+            block_size=runtime.block_size,
+            session_key=headers.get(SESSION_HEADER) or (user if isinstance(user, str) else None),
+            max_tokens=max_tokens if isinstance(max_tokens, int) else 0,
+        )
+        allow = getattr(runtime.routing, "allow_policy_header", True)
+        policy = runtime.policy(headers.get(POLICY_HEADER) if allow else None)
+        try:
+            decision = policy.route(request, states)
+        except NoWorkerAvailable:
+            raise no_worker(runtime.name) from None
+        chosen = decision.decode  # an OpenAI server prefills for itself
+        if ids:
+            self.pool.observe_prompt(len(ids))
+        backend = self.pool.backends[chosen.address]
+        if hashes and not backend.exact_events:
+            runtime.index.record_route(chosen.worker_id, hashes)
+        return backend
+
+    async def proxy(
+        self, request: Request, raw: bytes, body: dict[str, Any], path: str, release: Any
+    ) -> Response:
+        """Route and forward one generation; the upstream's status, headers and bytes (SSE
+        included) pass through untouched. Connection failures before the upstream answered move
+        the request to another server; ``release`` runs once the response is over."""
+        ids = await prompt_token_ids(self.runtime.tokenizer, body)
+        hashes = await prompt_block_hashes(ids, self.runtime.block_size) if ids else []
+        excluded: set[str] = set()
+        headers = {"content-type": "application/json"}
+        auth = request.headers.get("authorization")
+        if auth:
+            headers["authorization"] = auth
+        while True:
+            backend = self.route(ids, hashes, request.headers, body, excluded)
+            state = backend.state
+            state.inflight += 1
+            upstream_request = self.client.build_request(
+                "POST", backend.base_url + path, content=raw, headers=headers
+            )
+            try:
+                upstream = await self.client.send(upstream_request, stream=True)
+            except httpx.TransportError as exc:
+                state.inflight -= 1
+                excluded.add(backend.address)
+                log.warning(
+                    "model server failed; trying another",
+                    extra={"worker": backend.address, "error": str(exc)},
+                )
+                if len(excluded) >= MAX_ATTEMPTS:
+                    raise worker_failed(f"{MAX_ATTEMPTS} model servers failed; last error {exc}") from None
+                continue
+            break
+        passed = {k: v for k, v in upstream.headers.items() if k.lower() in _PASSED_HEADERS}
+
+        async def done() -> None:
+            state.inflight -= 1
+            await upstream.aclose()
+            release()
+
+        if not body.get("stream"):
+            try:
+                content = await upstream.aread()
+            finally:
+                await done()
+            return Response(content, upstream.status_code, passed)
+        return _PassThrough(upstream.aiter_raw(), upstream.status_code, passed, done)
+
+
+_PASSED_HEADERS = {"content-type", "x-request-id", "cache-control"}
+
+
+class _PassThrough(StreamingResponse):
+    """Upstream bytes to the client as they come; ``on_close`` runs however the stream ends."""
+
+    def __init__(self, content: Any, status: int, headers: dict[str, str], on_close: Any) -> None:
+        super().__init__(content, status_code=status, headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+class _ModelOnly(msgspec.Struct):
+    model: Any = None
+
+
+async def maybe_proxy(api: RouterAPI, request: Request, raw: bytes, kind: str) -> Response | None:
+    """The router's hook: a generation for a model served by OpenAI HTTP servers is proxied;
+    None for anything else (tusk workers, or a body the normal path must reject)."""
+    try:
+        name = msgspec.json.decode(raw, type=_ModelOnly).model
+    except msgspec.DecodeError:
+        return None
+    runtime = api.registry.models.get(name) if isinstance(name, str) else None
+    routes = getattr(runtime, "http", None)
+    if routes is None:
+        return None
+    body = msgspec.json.decode(raw)
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+
+    def release() -> None:
+        api.inflight -= 1
+
+    try:
+        return await routes.proxy(request, raw, body, path, release)
+    except BaseException:
+        release()
+        raise

@@ -1,33 +1,28 @@
 """Choosing endpoints for a request body: the router's policies over OpenAI HTTP servers.
 
-The picker reads the model and the prompt from the body, renders and tokenizes it exactly as the
-router does (same chat template, same tokenizer, same block hashes) and asks the model's policy,
-built by the same ``build_policy`` as the router's, over the servers' live load
-(``HttpBackendPool``) and the model's prefix index. The primary endpoint is the policy's choice;
-fallbacks are the other eligible servers, least loaded first.
+Each model is a ``ModelRuntime`` whose servers are OpenAI HTTP endpoints (``HttpRoutes``), the
+very objects ``tusk router`` uses in front of vLLM or SGLang: the prompt is rendered and
+tokenized as the router does (same chat template, tokenizer and block hashes), the model's
+policy (built by the same ``build_policy``) chooses over the servers' live load and the prefix
+index (approximate, or exact from the servers' ZMQ KV events). The primary endpoint is the
+policy's choice; fallbacks are the other eligible servers, least loaded first.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from tusk.router.api import INLINE_ENCODE_CHARS, POLICY_HEADER, SESSION_HEADER
 from tusk.router.errors import APIError
-from tusk.router.http_backend import HttpBackendPool
-from tusk.router.policies.base import NoWorkerAvailable, Policy, RoutingRequest, WorkerState
-from tusk.router.prefix_index import PrefixIndex
-from tusk.router.registry import build_policy
+from tusk.router.http_backend import HttpRoutes, prompt_block_hashes, prompt_token_ids
+from tusk.router.metrics import RouterMetrics
+from tusk.router.policies.base import WorkerState
+from tusk.router.registry import ModelRuntime
 from tusk.router.tokenizer import ModelTokenizer
 
 from tusk.config import EndpointPickerConfig, ModelRoute, RoutingConfig
-
-log = logging.getLogger("tusk.router.epp")
 
 
 class PickError(Exception):
@@ -72,31 +67,31 @@ class Pick:
 
 
 class ModelPicker:
-    """One model: tokenizer, prefix index, policies and its servers."""
+    """One model: a ``ModelRuntime`` whose servers are OpenAI HTTP endpoints."""
 
-    def __init__(self, route: ModelRoute, routing: RoutingConfig, *, interval_s: float) -> None:
+    def __init__(
+        self, route: ModelRoute, routing: RoutingConfig, metrics: RouterMetrics, *, interval_s: float
+    ):
         self.name = route.name
-        self.tokenizer = ModelTokenizer.from_dir(route.tokenizer)
-        self.block_size = route.block_size
-        self.routing = route.routing or routing
-        self.index = PrefixIndex()
-        self.pool = HttpBackendPool(self.index, interval_s=interval_s)
-        for worker in route.workers:
-            self.pool.add(worker.address, worker.role, exact_events=bool(worker.kv_events))
-        self._policies: dict[str, Policy] = {}
-        self.default_policy = self.policy(None)
+        self.runtime = ModelRuntime(
+            route.name,
+            ModelTokenizer.from_dir(route.tokenizer),
+            block_size=route.block_size,
+            routing=route.routing or routing,
+            metrics=metrics,
+            max_model_len=route.max_model_len,
+            poll_interval_s=interval_s,
+        )
+        self.routes = HttpRoutes(self.runtime)
+        self.runtime.http = self.routes
+        self.pool = self.routes.pool
+        self.index = self.runtime.index
+        self._workers = [w.model_copy(update={"protocol": "http"}) for w in route.workers]
         self.fallbacks_served = 0
 
-    def policy(self, name: str | None) -> Policy:
-        name = name or self.routing.policy
-        policy = self._policies.get(name)
-        if policy is None:
-            try:
-                policy = build_policy(name, self.index, self.routing)
-            except (KeyError, ValueError) as exc:
-                raise PickError(400, f"unknown routing policy {name!r}: {exc}", "unknown_policy") from None
-            self._policies[name] = policy
-        return policy
+    def start(self) -> None:
+        for worker in self._workers:
+            self.routes.add(worker)
 
     def record(self, state: WorkerState, hashes: list[int]) -> None:
         """Approximate mode: the server that takes a prompt will cache its blocks."""
@@ -104,51 +99,15 @@ class ModelPicker:
         if hashes and backend is not None and not backend.exact_events:
             self.index.record_route(state.worker_id, hashes)
 
-    async def prompt_ids(self, body: dict[str, Any]) -> list[int]:
-        tok = self.tokenizer
-        messages = body.get("messages")
-        if messages is not None:
-            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-                raise PickError(400, "messages must be a list of objects", "invalid_value")
-            try:
-                text = tok.render_chat(
-                    [{"role": str(m.get("role", "user")), "content": _text(m)} for m in messages]
-                )
-            except APIError as exc:
-                raise PickError(exc.status, exc.message, exc.code or "invalid_value") from None
-            special = False
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-                prompt = prompt[0]
-            if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-                return prompt
-            if not isinstance(prompt, str):
-                return []  # not a generation body (or one the server will refuse): route by load
-            text, special = prompt, True
-        if len(text) < INLINE_ENCODE_CHARS:
-            return tok.encode(text, add_special_tokens=special)
-        return await asyncio.to_thread(tok.encode, text, add_special_tokens=special)
-
-
-def _text(message: dict[str, Any]) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
-        )
-    return ""
-
 
 class EndpointPicker:
     """Every model the picker serves, and the decision procedure of the protocol."""
 
     def __init__(self, config: EndpointPickerConfig) -> None:
         self.config = config
+        self.metrics = RouterMetrics()
         self.models = {
-            route.name: ModelPicker(route, config.routing, interval_s=config.poll_interval_s)
+            route.name: ModelPicker(route, config.routing, self.metrics, interval_s=config.poll_interval_s)
             for route in config.models
         }
         self.shed = 0
@@ -156,11 +115,11 @@ class EndpointPicker:
 
     def start(self) -> None:
         for model in self.models.values():
-            model.pool.start()
+            model.start()
 
     async def close(self) -> None:
         for model in self.models.values():
-            await model.pool.close()
+            await model.runtime.close()
 
     def ready(self) -> bool:
         """Synced: every model's servers were scraped once (readiness, per the protocol)."""
@@ -186,8 +145,12 @@ class EndpointPicker:
         model = self.models.get(name) if isinstance(name, str) else None
         if model is None:
             raise PickError(404, f"The model `{name}` does not exist.", "model_not_found")
-        ids = await model.prompt_ids(body)
-        return self._route(model, ids, headers, body, subset)
+        try:
+            ids = await prompt_token_ids(model.runtime.tokenizer, body)
+        except APIError as exc:
+            raise PickError(exc.status, exc.message, exc.code or "invalid_value") from None
+        hashes = await prompt_block_hashes(ids, model.runtime.block_size) if ids else []
+        return self._route(model, ids, hashes, headers, body, subset)
 
     def _eligible(self, model: ModelPicker | None, subset: list[str] | None) -> list[WorkerState]:
         pools = [model.pool] if model is not None else [m.pool for m in self.models.values()]
@@ -216,32 +179,16 @@ class EndpointPicker:
         self,
         model: ModelPicker,
         ids: list[int],
+        hashes: list[int],
         headers: dict[str, str],
         body: dict[str, Any],
         subset: list[str] | None,
     ) -> Pick:
-        from tusk.hashing import block_hashes
-
         states = self._eligible(model, subset)
-        hashes = block_hashes(ids, model.block_size) if ids else []
-        user = body.get("user")
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 0
-        request = RoutingRequest(
-            request_id=headers.get("x-request-id") or uuid.uuid4().hex,
-            block_hashes=hashes,
-            prompt_tokens=len(ids),
-            block_size=model.block_size,
-            session_key=headers.get(SESSION_HEADER) or (user if isinstance(user, str) else None),
-            max_tokens=max_tokens if isinstance(max_tokens, int) else 0,
-        )
-        policy = model.policy(headers.get(POLICY_HEADER))
         try:
-            decision = policy.route(request, states)
-        except NoWorkerAvailable:
-            self.no_endpoint += 1
-            raise PickError(503, "No ready model server for this model.", "no_endpoint") from None
-        # An OpenAI server prefills for itself: the picker routes whole requests (aggregated).
-        primary = decision.decode
+            backend = model.routes.route(ids, hashes, headers, body, states=states)
+        except APIError as exc:  # the policy found nothing it may use
+            raise PickError(exc.status, exc.message, exc.code or "no_endpoint") from None
+        primary = backend.state
         primary.inflight += 1
-        model.record(primary, hashes)
         return Pick(model, self._fallbacks(primary, states), hashes, charged=primary)
