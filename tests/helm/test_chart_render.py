@@ -46,6 +46,17 @@ def test_helm_lint_strict(tools, scenario: Scenario):
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
+def test_helm_v3_lints_and_renders_what_helm_v4_renders(tools, render, scenario: Scenario):
+    """Users still run helm v3: the chart lints strictly there and renders the same objects."""
+    args = ["lint", "--strict", str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
+    for name in scenario.values:
+        args += ["--values", str(VALUES_DIR / name)]
+    assert "0 chart(s) failed" in tools.run(tools.helm3, *args).stdout
+    v3 = [o for o in yaml.safe_load_all(tools.run(tools.helm3, *template_args(scenario)).stdout) if o]
+    assert v3 == render(scenario)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
 def test_every_object_is_valid_kubernetes(render, scenario: Scenario):
     objects = render(scenario, "--include-crds")
     chart_crds: dict[str, dict[str, dict]] = {}

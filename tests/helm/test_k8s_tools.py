@@ -24,6 +24,8 @@ def test_binaries_run_and_have_the_expected_versions(tools):
     assert helm.startswith("v4."), helm
     kubectl = tools.run(tools.kubectl, "version", "--client").stdout
     assert "Client Version: v1.35." in kubectl
+    helm3 = tools.run(tools.helm3, "version", "--short").stdout
+    assert helm3.startswith("v3.17."), helm3
 
 
 def test_extraction_is_idempotent_and_restores_missing_binaries(tmp_path):
@@ -38,12 +40,14 @@ def test_extraction_is_idempotent_and_restores_missing_binaries(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == str(dest)
-        return {name: (dest / name).stat().st_mtime_ns for name in ("helm", "kubectl")}
+        return {name: (dest / name).stat().st_mtime_ns for name in ("helm", "helm3", "kubectl")}
 
     first = run()
     assert run() == first, "a second run must not rewrite current binaries"
     (dest / "kubectl").unlink()
     assert run()["kubectl"] != first["kubectl"], "a missing binary is restored"
+    (dest / "helm3").unlink()
+    assert run()["helm3"] != first["helm3"], "a missing helm v3 is restored"
     assert not [p for p in dest.iterdir() if p.name.startswith(".") and p.name != ".k8s-tools.stamp"], (
         "temp files left"
     )
