@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from tusk.worker import gguf_model
+from tusk.worker.models.rope import RopeError, check_rope, rope_type
 
 from tusk.model_source import SUPPORTED_ARCHITECTURES
 
@@ -34,7 +35,7 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The architecture facts the engine needs, normalised across config dialects."""
+    """The architecture facts the engine needs, normalised across config dialects and families."""
 
     architecture: str
     vocab_size: int
@@ -52,8 +53,26 @@ class ModelSpec:
     qkv_bias: bool
     checkpoint_dtype: str
     eos_token_ids: tuple[int, ...]
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the window of the layers that have one
+    family: str = "llama"
+    o_bias: bool = False  # Llama/Qwen3/Gemma3 with attention_bias also bias o_proj
+    mlp_bias: bool = False  # Llama's mlp_bias: gate, up and down
+    qk_norm: bool = False  # Qwen3, Gemma3: RMSNorm over each head of q and k before rope
+    layer_windows: tuple[int | None, ...] = ()  # per layer: its sliding window, or None (full)
+    local_rope_theta: float | None = None  # Gemma3: sliding layers use default rope with this base
+    hidden_act: str = "silu"
+    gemma: bool = False  # (1 + w) norms, scaled embeddings, norms around attention and MLP outputs
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    final_logit_softcapping: float | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def context_limit(self) -> int:
+        """The longest sequence the model is served for: dynamic NTK rope extends the trained length
+        by its factor, every other type stops at ``max_position_embeddings``."""
+        if rope_type(self.rope_scaling) == "dynamic":
+            return int(self.max_position_embeddings * float(self.rope_scaling["factor"]))  # type: ignore[index]
+        return self.max_position_embeddings
 
     @classmethod
     def from_config(
@@ -70,42 +89,122 @@ class ModelSpec:
                 f"unsupported architecture {archs or config.get('model_type')!r}; "
                 f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
             )
-        if config.get("hidden_act", "silu") != "silu":
-            raise ModelLoadError(f"unsupported hidden_act {config['hidden_act']!r}; only silu is supported")
+        family = SUPPORTED_ARCHITECTURES[arch]
+        gemma = family == "gemma3"
+        act = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+        if act not in _ACTIVATIONS[family]:
+            raise ModelLoadError(
+                f"unsupported hidden_act {act!r} for {arch}; supported: {_ACTIVATIONS[family]}"
+            )
+        if config.get("attn_logit_softcapping") is not None:
+            raise ModelLoadError("attn_logit_softcapping is not supported")
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
-        rope = dict(config.get("rope_parameters") or {})
-        theta = float(rope.pop("rope_theta", config.get("rope_theta", 10000.0)))
-        scaling = rope or config.get("rope_scaling")
-        if scaling:
-            scaling = dict(scaling)
-            scaling.setdefault("rope_type", scaling.get("type", "default"))
-            if scaling["rope_type"] == "default":
-                scaling = None
-        family = SUPPORTED_ARCHITECTURES[arch]
-        window = config.get("sliding_window")
-        if family == "qwen2" and not config.get("use_sliding_window", False):
-            window = None
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        layers = int(config["num_hidden_layers"])
+        theta, scaling, local_theta = _rope(config, gemma)
+        if family == "phi3" and scaling and rope_type(scaling) in ("su", "yarn"):
+            scaling["rope_type"] = "longrope"  # Phi-3's configs call LongRoPE "su" or "yarn"
+        try:
+            check_rope(scaling, head_dim)
+        except RopeError as exc:
+            raise ModelLoadError(str(exc)) from None
+        windows = _layer_windows(config, family, layers)
+        attention_bias = bool(config.get("attention_bias", False))
+        scalar = config.get("query_pre_attn_scalar") if gemma else None
         return cls(
             architecture=arch,
             vocab_size=int(config["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(config["intermediate_size"]),
-            num_layers=int(config["num_hidden_layers"]),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", gemma)),
+            qkv_bias=family == "qwen2" or (attention_bias and family in _ATTENTION_BIAS_FAMILIES),
             checkpoint_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
             eos_token_ids=_eos_ids(config, generation_config),
-            sliding_window=int(window) if window else None,
+            sliding_window=next((w for w in windows if w), None),
+            family=family,
+            o_bias=attention_bias and family in _ATTENTION_BIAS_FAMILIES,
+            mlp_bias=bool(config.get("mlp_bias", False)) and family == "llama",
+            qk_norm=family in ("qwen3", "gemma3"),
+            layer_windows=windows,
+            local_rope_theta=local_theta,
+            hidden_act=act,
+            gemma=gemma,
+            attention_scale=float(scalar) ** -0.5 if scalar else None,
+            final_logit_softcapping=config.get("final_logit_softcapping") if gemma else None,
             raw=config,
         )
+
+
+# Families whose attention_bias puts a bias on q, k, v and o (Mistral and Phi-3 have none; Qwen2
+# always biases q, k and v only).
+_ATTENTION_BIAS_FAMILIES = ("llama", "qwen3", "gemma3")
+_ACTIVATIONS = {
+    "llama": ("silu",),
+    "mistral": ("silu",),
+    "qwen2": ("silu",),
+    "qwen3": ("silu",),
+    "phi3": ("silu",),
+    "gemma3": ("gelu_pytorch_tanh",),
+}
+
+
+def _rope(config: dict[str, Any], gemma: bool) -> tuple[float, dict[str, Any] | None, float | None]:
+    """(theta, scaling or None for plain rope, Gemma's local theta) from either config dialect:
+    transformers 5's ``rope_parameters`` (per layer type for Gemma 3) or ``rope_theta`` +
+    ``rope_scaling``."""
+    params = dict(config.get("rope_parameters") or {})
+    local_theta = None
+    if gemma:
+        local = params.pop("sliding_attention", None)
+        params = dict(params.pop("full_attention", None) or params)
+        if local is not None and rope_type(local) != "default":
+            raise ModelLoadError(f"Gemma 3 sliding layers with rope {rope_type(local)!r} are not supported")
+        local_theta = float((local or {}).get("rope_theta") or config.get("rope_local_base_freq") or 10000.0)
+    theta = float(params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0)
+    scaling = dict(params or config.get("rope_scaling") or {})
+    if scaling:
+        scaling.setdefault("rope_type", scaling.get("type", "default"))
+        scaling.pop("rope_theta", None)
+        if scaling["rope_type"] == "default" and float(scaling.get("partial_rotary_factor", 1.0)) == 1.0:
+            scaling = {}
+    if scaling and "original_max_position_embeddings" not in scaling:
+        original = config.get("original_max_position_embeddings")
+        if original:
+            scaling["original_max_position_embeddings"] = original
+    return theta, scaling or None, local_theta
+
+
+def _layer_windows(config: dict[str, Any], family: str, layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding window: from ``layer_types`` when the config lists them (transformers 5
+    writes it), else by each family's older rule."""
+    window = config.get("sliding_window")
+    if not window:
+        return (None,) * layers
+    types = config.get("layer_types")
+    if not types:
+        if family in ("qwen2", "qwen3"):
+            start = config.get("max_window_layers", layers) if config.get("use_sliding_window") else layers
+            types = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
+        elif family == "gemma3":
+            pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+        else:  # Mistral, Phi-3, Llama: every layer
+            types = ["sliding_attention"] * layers
+    if len(types) != layers:
+        raise ModelLoadError(f"config layer_types has {len(types)} entries for {layers} layers")
+    unknown = sorted({t for t in types if t not in ("sliding_attention", "full_attention")})
+    if unknown:
+        raise ModelLoadError(f"unsupported layer_types {unknown}")
+    return tuple(int(window) if t == "sliding_attention" else None for t in types)
 
 
 def _eos_ids(config: dict[str, Any], generation_config: dict[str, Any] | None) -> tuple[int, ...]:

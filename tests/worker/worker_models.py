@@ -30,9 +30,24 @@ def make_config(arch: str, **overrides):
     if arch == "llama":
         return transformers.LlamaConfig(**common)
     if arch == "mistral":
-        return transformers.MistralConfig(sliding_window=None, **common)
+        return transformers.MistralConfig(**{"sliding_window": None, **common})
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**{"head_dim": 32, **common})
+    if arch == "phi3":
+        return transformers.Phi3Config(**common)
+    if arch == "gemma3":
+        layer_types = ["sliding_attention", "full_attention"] * (common["num_hidden_layers"] // 2)
+        return transformers.Gemma3TextConfig(
+            **{
+                "head_dim": 16,
+                "sliding_window": 8,
+                "layer_types": layer_types,
+                "query_pre_attn_scalar": 24,
+                **common,
+            }
+        )
     raise ValueError(arch)
 
 
@@ -43,11 +58,10 @@ def save_model(folder: Path, arch: str, seed: int = 0, **overrides) -> Path:
     torch.manual_seed(seed)
     config = make_config(arch, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if arch == "qwen2":  # random biases, so the qkv bias path matters
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.3)
+    with torch.no_grad():  # random biases and norm weights (HF starts them at 0 or 1), so they matter
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") or ("norm" in name and arch not in ARCHS):
+                param.add_(torch.randn_like(param) * 0.3)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

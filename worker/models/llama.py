@@ -1,10 +1,16 @@
-"""The Llama family (Llama 1/2/3, Mistral, Qwen2) over a paged KV cache.
+"""Decoder-only transformers of the Llama lineage over a paged KV cache: Llama 1/2/3, Mistral,
+Qwen2, Qwen3, Phi-3 and Gemma 3, which differ only in details the ``ModelSpec`` names (biases,
+q/k norms, sliding windows, Gemma's norm placement and scaling, fused checkpoint tensors).
 
 One forward pass serves a mixed batch: the first ``num_decodes`` tokens are single-token decodes
 (one per sequence), the rest are prefill chunks laid end to end. Projections and MLPs run over
 all tokens at once; only attention splits, because decode and chunked-prefill attention read the
 paged cache differently. All math except the projections goes through ``tusk.kernels`` so a
-backend (torch, Triton) can replace it per device.
+backend (torch, Triton) can replace it per device; sliding-window layers whose context exceeds the
+window use ``attention.windowed_attention``.
+
+Loading is strict: a tensor the model needs that the checkpoint lacks, or a checkpoint tensor the
+model does not use, is a ``ModelLoadError`` naming them, never a silently different model.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import torch
 import torch.nn.functional as F
 import tusk.kernels as K
 from tusk.worker.loader import ModelLoadError, ModelSpec
+from tusk.worker.models.attention import windowed_attention
+from tusk.worker.models.rope import cos_sin_cache
 
 
 @dataclass
@@ -34,9 +42,49 @@ class _Layer:
     qkv: torch.Tensor  # q, k and v projections stacked: one matmul instead of three
     qkv_bias: torch.Tensor | None
     o: torch.Tensor
-    post_norm: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor  # Llama: before the MLP; Gemma: on the attention output
     gate_up: torch.Tensor  # gate and up stacked, as silu_and_mul expects
+    gate_up_bias: torch.Tensor | None
     down: torch.Tensor
+    down_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    pre_ff_norm: torch.Tensor | None = None  # Gemma only
+    post_ff_norm: torch.Tensor | None = None  # Gemma only
+    window: int | None = None
+    rope: int = 0  # index into LlamaModel.cos_sin
+
+
+class _Weights:
+    """Takes tensors out of the checkpoint by name, remembering what was missing."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self.weights = weights
+        self.missing: list[str] = []
+
+    def take(self, name: str) -> torch.Tensor:
+        tensor = self.weights.pop(name, None)
+        if tensor is None:
+            self.missing.append(name)
+            return torch.empty(0)
+        return tensor
+
+    def take_cat(self, names: list[str]) -> torch.Tensor:
+        return torch.cat([self.take(n) for n in names])
+
+    def finish(self, architecture: str) -> None:
+        def listing(names: list[str]) -> str:
+            shown = ", ".join(sorted(names)[:6])
+            return shown + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+        if self.missing:
+            raise ModelLoadError(f"checkpoint lacks tensors {architecture} needs: {listing(self.missing)}")
+        if self.weights:
+            raise ModelLoadError(
+                f"checkpoint has tensors {architecture} does not use: {listing(list(self.weights))} "
+                "(a different architecture or config?)"
+            )
 
 
 class LlamaModel:
@@ -44,46 +92,86 @@ class LlamaModel:
         self.spec = spec
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
-        self.scale = spec.head_dim**-0.5
-
-        def take(name: str) -> torch.Tensor:
-            try:
-                return weights.pop(name)
-            except KeyError:
-                raise ModelLoadError(f"checkpoint lacks tensor {name!r}") from None
-
-        self.embed = take("model.embed_tokens.weight")
-        self.layers: list[_Layer] = []
-        for i in range(spec.num_layers):
-            p = f"model.layers.{i}."
-            qkv = torch.cat([take(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
-            bias = None
-            if spec.qkv_bias:
-                bias = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
-            self.layers.append(
-                _Layer(
-                    input_norm=take(p + "input_layernorm.weight"),
-                    qkv=qkv,
-                    qkv_bias=bias,
-                    o=take(p + "self_attn.o_proj.weight"),
-                    post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-                    down=take(p + "mlp.down_proj.weight"),
-                )
-            )
+        self.scale = spec.attention_scale or spec.head_dim**-0.5
+        w = _Weights(weights)
+        self.embed = w.take("model.embed_tokens.weight")
+        self.layers = [self._layer(spec, w, i) for i in range(spec.num_layers)]
+        self.norm = self._norm(w.take("model.norm.weight"))
+        lm_head = weights.pop("lm_head.weight", None)  # tied checkpoints may still carry a copy
+        if spec.tie_word_embeddings:
+            self.lm_head = self.embed
+        elif lm_head is None:
+            w.missing.append("lm_head.weight")
+        else:
+            self.lm_head = lm_head
+        w.finish(spec.architecture)
         self._views_of: torch.Tensor | None = None
         self._views: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.norm = take("model.norm.weight")
-        lm_head = weights.pop("lm_head.weight", None)
-        self.lm_head = self.embed if spec.tie_word_embeddings or lm_head is None else lm_head
-        self.cos_sin = K.rope_cos_sin_cache(
-            spec.head_dim,
-            max_position,
-            spec.rope_theta,
-            spec.rope_scaling,
-            torch.float32,
-            self.embed.device,
+        self.embed_scale = (
+            torch.tensor(spec.hidden_size**0.5, dtype=torch.float32).to(self.embed.dtype).item()
+            if spec.gemma
+            else None
         )
+        device = self.embed.device
+        self.cos_sin = [
+            cos_sin_cache(
+                spec.rope_scaling,
+                spec.rope_theta,
+                spec.head_dim,
+                spec.max_position_embeddings,
+                max_position,
+                device,
+            )
+        ]
+        if spec.local_rope_theta is not None:
+            self.cos_sin.append(
+                cos_sin_cache(
+                    None,
+                    spec.local_rope_theta,
+                    spec.head_dim,
+                    spec.max_position_embeddings,
+                    max_position,
+                    device,
+                )
+            )
+        self.has_windows = any(layer.window for layer in self.layers)
+
+    def _norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """Gemma's norms multiply by (1 + w), computed in fp32 as transformers does."""
+        if self.spec.gemma and weight.numel():
+            return (1.0 + weight.float()).to(weight.dtype)
+        return weight
+
+    def _layer(self, spec: ModelSpec, w: _Weights, i: int) -> _Layer:
+        p = f"model.layers.{i}."
+        if spec.family == "phi3":  # Phi-3 stores q/k/v and gate/up already fused
+            qkv, gate_up = w.take(p + "self_attn.qkv_proj.weight"), w.take(p + "mlp.gate_up_proj.weight")
+        else:
+            qkv = w.take_cat([p + f"self_attn.{x}_proj.weight" for x in "qkv"])
+            gate_up = w.take_cat([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        layer = _Layer(
+            input_norm=self._norm(w.take(p + "input_layernorm.weight")),
+            qkv=qkv,
+            qkv_bias=w.take_cat([p + f"self_attn.{x}_proj.bias" for x in "qkv"]) if spec.qkv_bias else None,
+            o=w.take(p + "self_attn.o_proj.weight"),
+            o_bias=w.take(p + "self_attn.o_proj.bias") if spec.o_bias else None,
+            post_norm=self._norm(w.take(p + "post_attention_layernorm.weight")),
+            gate_up=gate_up,
+            gate_up_bias=(
+                w.take_cat([p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"]) if spec.mlp_bias else None
+            ),
+            down=w.take(p + "mlp.down_proj.weight"),
+            down_bias=w.take(p + "mlp.down_proj.bias") if spec.mlp_bias else None,
+            window=spec.layer_windows[i] if spec.layer_windows else None,
+        )
+        if spec.qk_norm:
+            layer.q_norm = self._norm(w.take(p + "self_attn.q_norm.weight"))
+            layer.k_norm = self._norm(w.take(p + "self_attn.k_norm.weight"))
+        if spec.gemma:
+            layer.pre_ff_norm = self._norm(w.take(p + "pre_feedforward_layernorm.weight"))
+            layer.post_ff_norm = self._norm(w.take(p + "post_feedforward_layernorm.weight"))
+            layer.rope = 1 if layer.window else 0  # sliding layers use the local rope base
+        return layer
 
     @property
     def dtype(self) -> torch.dtype:
@@ -104,33 +192,82 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Logits (float32) of the tokens at ``logits_indices``; KV of every token goes to the cache."""
         spec = self.spec
-        t = input_ids.shape[0]
+        eps = spec.rms_norm_eps
         caches = self._layer_caches(kv_cache)
         hidden = F.embedding(input_ids, self.embed)
+        if self.embed_scale is not None:
+            hidden = hidden * self.embed_scale
+        longest = self._longest_context(meta) if self.has_windows else 0
         residual: torch.Tensor | None = None
         for layer, (k_cache, v_cache) in zip(self.layers, caches, strict=True):
             if residual is None:
                 residual = hidden
-                x = K.rms_norm(hidden, layer.input_norm, spec.rms_norm_eps)
+                x = K.rms_norm(hidden, layer.input_norm, eps)
             else:
-                x, residual = K.fused_add_rms_norm(hidden, residual, layer.input_norm, spec.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.reshape(t, spec.num_heads, spec.head_dim)
-            k = k.reshape(t, spec.num_kv_heads, spec.head_dim)
-            v = v.reshape(t, spec.num_kv_heads, spec.head_dim)
-            q, k = K.apply_rotary(q, k, positions, self.cos_sin, True)
-            K.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-            attn = self._attention(q, k_cache, v_cache, meta)
-            hidden = F.linear(attn.reshape(t, self.q_size), layer.o)
-            x, residual = K.fused_add_rms_norm(hidden, residual, layer.post_norm, spec.rms_norm_eps)
-            hidden = F.linear(K.silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
+                x, residual = K.fused_add_rms_norm(hidden, residual, layer.input_norm, eps)
+            attn = self._self_attention(layer, x, positions, meta, k_cache, v_cache, longest)
+            if spec.gemma:  # norm the attention output, add it, norm again before the MLP
+                attn = K.rms_norm(attn, layer.post_norm, eps)
+                x, residual = K.fused_add_rms_norm(attn, residual, layer.pre_ff_norm, eps)
+                hidden = K.rms_norm(self._mlp(layer, x), layer.post_ff_norm, eps)
+            else:
+                x, residual = K.fused_add_rms_norm(attn, residual, layer.post_norm, eps)
+                hidden = self._mlp(layer, x)
         assert residual is not None
-        if logits_indices.shape[0] != t:  # only the rows that sample go through the norm and head
+        if logits_indices.shape[0] != input_ids.shape[0]:  # only the rows that sample need the head
             hidden = hidden.index_select(0, logits_indices)
             residual = residual.index_select(0, logits_indices)
-        x, _ = K.fused_add_rms_norm(hidden, residual, self.norm, spec.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        x, _ = K.fused_add_rms_norm(hidden, residual, self.norm, eps)
+        logits = F.linear(x, self.lm_head).float()
+        if spec.final_logit_softcapping:
+            cap = float(spec.final_logit_softcapping)
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _self_attention(
+        self,
+        layer: _Layer,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        longest: int,
+    ) -> torch.Tensor:
+        spec = self.spec
+        t = x.shape[0]
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, spec.num_heads, spec.head_dim)
+        k = k.reshape(t, spec.num_kv_heads, spec.head_dim)
+        v = v.reshape(t, spec.num_kv_heads, spec.head_dim)
+        if layer.q_norm is not None:
+            q = K.rms_norm(q, layer.q_norm, spec.rms_norm_eps)
+            k = K.rms_norm(k, layer.k_norm, spec.rms_norm_eps)
+        q, k = K.apply_rotary(q, k, positions, self.cos_sin[layer.rope], True)
+        K.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if layer.window is not None and longest > layer.window:
+            attn = windowed_attention(q, k_cache, v_cache, meta, self.scale, layer.window)
+        else:  # within the window, full causal attention is the same thing
+            attn = self._attention(q, k_cache, v_cache, meta)
+        return F.linear(attn.reshape(t, self.q_size), layer.o, layer.o_bias)
+
+    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
+        if self.spec.hidden_act == "silu":
+            act = K.silu_and_mul(gate_up)
+        else:  # gelu_pytorch_tanh (Gemma)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.gelu(gate, approximate="tanh") * up
+        return F.linear(act, layer.down, layer.down_bias)
+
+    @staticmethod
+    def _longest_context(meta: AttentionMetadata) -> int:
+        """The longest context in the batch (one host sync per step, only for windowed models)."""
+        lens = [
+            t for t in (meta.decode_context_lens, meta.prefill_context_lens) if t is not None and t.numel()
+        ]
+        return max(int(t.max()) for t in lens) if lens else 0
 
     def _layer_caches(self, kv_cache: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (k_cache, v_cache) views, made once per cache tensor rather than every step."""

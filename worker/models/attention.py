@@ -1,0 +1,64 @@
+"""Sliding-window attention over the paged KV cache.
+
+A layer with window ``W`` lets the query at position ``q`` see keys at positions ``k`` with
+``q - W < k <= q`` (transformers' ``sliding_window_overlay``). While every sequence in the batch is
+shorter than the window that is plain causal attention, and the model uses the fast paged kernels;
+past it, this plain torch path reads only the blocks inside each sequence's window. It runs one
+sequence at a time, so it is meant for correctness first (long windowed contexts), not speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _attend_window(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_row: torch.Tensor,
+    context_len: int,
+    scale: float,
+    window: int,
+) -> torch.Tensor:
+    """q[n, Hq, D] at positions context_len - n .. context_len - 1, over the window of its keys."""
+    block_size = k_cache.shape[1]
+    first_q = context_len - q.shape[0]
+    lo = max(0, first_q - window + 1)
+    first_block, end_block = lo // block_size, -(-context_len // block_size)
+    blocks = block_row[first_block:end_block].long()
+    start = lo - first_block * block_size
+    keys = k_cache[blocks].flatten(0, 1)[start : start + context_len - lo]
+    values = v_cache[blocks].flatten(0, 1)[start : start + context_len - lo]
+    group = q.shape[1] // keys.shape[1]
+    math_dtype = torch.promote_types(q.dtype, torch.float32)
+    kf = keys.to(math_dtype).repeat_interleave(group, dim=1)
+    vf = values.to(math_dtype).repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.to(math_dtype), kf) * scale
+    q_pos = first_q + torch.arange(q.shape[0], device=q.device)[:, None]
+    k_pos = lo + torch.arange(keys.shape[0], device=q.device)[None, :]
+    visible = (k_pos <= q_pos) & (k_pos > q_pos - window)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), vf).to(q.dtype)
+
+
+def windowed_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float, window: int
+):
+    """Attention for the whole mixed batch (decodes first, then prefill chunks) with a sliding window."""
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        for b, context_len in enumerate(meta.decode_context_lens.tolist()):
+            out[b : b + 1] = _attend_window(
+                q[b : b + 1], k_cache, v_cache, meta.decode_block_tables[b], context_len, scale, window
+            )
+    if nd < q.shape[0]:
+        cu = meta.prefill_cu_seqlens.tolist()
+        for b, context_len in enumerate(meta.prefill_context_lens.tolist()):
+            start, end = nd + cu[b], nd + cu[b + 1]
+            if end > start:
+                out[start:end] = _attend_window(
+                    q[start:end], k_cache, v_cache, meta.prefill_block_tables[b], context_len, scale, window
+                )
+    return out
