@@ -1,0 +1,66 @@
+"""Qwen3, Gemma 3 and Phi-3: each greedy-identical to transformers on a small random model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tusk.worker.engine import LLMEngine
+from tusk.worker.sequence import SamplingParams
+from worker_models import hf_greedy, save_model
+
+from tusk.config import EngineConfig
+
+PROMPT = [(i * 11 + 7) % 250 + 3 for i in range(21)]
+
+
+def check(folder: Path, n: int = 10, **engine: object) -> LLMEngine:
+    eng = LLMEngine(folder, EngineConfig(num_kv_blocks=32, block_size=4, **engine))
+    expected = hf_greedy(folder, PROMPT, n)
+    assert eng.generate([PROMPT], SamplingParams(max_tokens=n, ignore_eos=True)) == [expected]
+    # Chunked prefill and a batch of two reach the same tokens.
+    chunked = LLMEngine(
+        folder, EngineConfig(num_kv_blocks=64, block_size=4, max_num_batched_tokens=6, **engine)
+    )
+    other = PROMPT[5:]
+    both = chunked.generate([PROMPT, other], SamplingParams(max_tokens=n, ignore_eos=True))
+    assert both == [expected, hf_greedy(folder, other, n)]
+    return eng
+
+
+def test_qwen3_qk_norm_and_attention_bias(tmp_path: Path) -> None:
+    eng = check(save_model(tmp_path / "qwen3", "qwen3", seed=21, attention_bias=True))
+    assert eng.spec.qk_norm and eng.spec.o_bias and eng.spec.head_dim == 32
+
+
+def test_gemma3_alternating_sliding_window(tmp_path: Path) -> None:
+    """(1 + w) norms around attention and MLP, scaled embeddings, gelu-tanh, q/k norms,
+    query_pre_attn_scalar, sliding layers (window 8 < prompt) with their own rope base."""
+    eng = check(save_model(tmp_path / "gemma3", "gemma3", seed=22, num_hidden_layers=4))
+    assert eng.spec.layer_windows == (8, None, 8, None) and eng.spec.local_rope_theta == 10000.0
+
+
+def test_gemma3_final_logit_softcapping(tmp_path: Path) -> None:
+    folder = save_model(tmp_path / "gemma3-cap", "gemma3", seed=23, final_logit_softcapping=3.0)
+    assert check(folder, n=6).spec.final_logit_softcapping == 3.0
+
+
+@pytest.mark.parametrize("longrope", [False, True])
+def test_phi3_fused_weights(longrope: bool, tmp_path: Path) -> None:
+    rope = {}
+    if longrope:  # a prompt past original_max_position_embeddings uses the long factors
+        rope = {
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0 + i / 8 for i in range(8)],
+                "long_factor": [1.5 + i / 4 for i in range(8)],
+            },
+            "original_max_position_embeddings": 16,
+        }
+    folder = save_model(tmp_path / "phi3", "phi3", seed=24, **rope)
+    eng = LLMEngine(folder, EngineConfig(num_kv_blocks=32, block_size=4))
+    assert eng.spec.family == "phi3"
+    prompt = PROMPT[:12] if longrope else PROMPT  # longrope: short factors throughout, as in transformers
+    expected = hf_greedy(folder, prompt, 4 if longrope else 10)
+    assert eng.generate([prompt], SamplingParams(max_tokens=len(expected), ignore_eos=True)) == [expected]
