@@ -24,7 +24,8 @@ from chartkit import CHART, EXAMPLES_DIR, REPO_ROOT, parse_documents
 
 KIND_DIR = REPO_ROOT / "deploy" / "kind"
 IMAGES_SH = REPO_ROOT / "scripts" / "images.sh"
-SCRIPTS = [KIND_DIR / "up.sh", KIND_DIR / "down.sh", REPO_ROOT / "scripts" / "k8s-tools.sh", IMAGES_SH]
+SCRIPTS = [KIND_DIR / "up.sh", KIND_DIR / "down.sh", REPO_ROOT / "scripts" / "k8s-tools.sh", IMAGES_SH,
+           REPO_ROOT / ".ci" / "run"]  # fmt: skip
 STUBBED = ("docker", "podman", "kind", "kubectl", "helm", "curl")
 COREUTILS = ("bash", "basename", "dirname", "grep", "seq", "cat", "sleep", "env", "printf", "sed", "head",
              "mktemp", "id", "uname", "find", "rm", "mkdir", "awk", "tail")  # fmt: skip
