@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
+from tusk.router import choices
 from tusk.router.auth import ApiKeys
 from tusk.router.dispatch import Generation, GenerationRequest
 from tusk.router.errors import APIError, bad_request, no_worker, overloaded, worker_failed
@@ -61,6 +63,12 @@ class Prepared:
     runtime: ModelRuntime
     generation: Generation
     stops: list[str]
+    # Choices 1..n-1 when the request asked for n > 1 (``generation`` is choice 0).
+    more: list[Generation] = dataclasses.field(default_factory=list)
+
+    @property
+    def generations(self) -> list[Generation]:
+        return [self.generation, *self.more]
 
 
 class RouterAPI:
@@ -214,9 +222,16 @@ class RouterAPI:
             max_tokens=max_tokens,
             stop_token_ids=[] if body.ignore_eos else tok.eos_token_ids,
             ignore_eos=body.ignore_eos,
+            min_p=body.min_p or 0.0,
+            min_tokens=body.min_tokens or 0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
         )
         if body.seed is not None:
             sampling.seed = body.seed
+        if body.top_logprobs_count() is not None:
+            sampling.logprobs = body.top_logprobs_count()
         chosen = request.headers.get(POLICY_HEADER) if runtime.routing.allow_policy_header else None
         policy = runtime.policy(chosen)
         timeout = self.config.request_timeout_s
@@ -232,7 +247,21 @@ class RouterAPI:
             session_key=request.headers.get(SESSION_HEADER) or body.user,
         )
         generation = Generation(runtime, gen_request)
-        return Prepared(kind, body, runtime, generation, body.stop_strings())
+        more = []
+        for i in range(1, body.choices()):
+            child = pb.SamplingParams()
+            child.CopyFrom(sampling)
+            if body.seed is not None:  # vLLM's parallel sampling: child i gets seed + i
+                child.seed = (body.seed + i) % 2**64
+            more.append(
+                Generation(
+                    runtime,
+                    dataclasses.replace(
+                        gen_request, request_id=f"{gen_request.request_id}-{i}", sampling=child
+                    ),
+                )
+            )
+        return Prepared(kind, body, runtime, generation, body.stop_strings(), more)
 
     def _max_tokens(self, runtime: ModelRuntime, body: Any, prompt_len: int) -> int:
         limit = runtime.max_model_len
@@ -257,9 +286,11 @@ class RouterAPI:
 
     # -- text from tokens ------------------------------------------------------------------------
 
-    async def _text_events(self, prepared: Prepared) -> AsyncIterator[tuple[str, str | None]]:
-        """(text delta, finish reason) pairs; the last one carries the reason."""
-        gen = prepared.generation
+    async def _text_events(
+        self, prepared: Prepared, gen: Generation | None = None
+    ) -> AsyncIterator[tuple[str, str | None]]:
+        """(text delta, finish reason) pairs of one choice; the last one carries the reason."""
+        gen = gen or prepared.generation
         detok = prepared.runtime.tokenizer.detokenizer()
         stops = StopMatcher(prepared.stops)
         itl = self.metrics.for_model(prepared.runtime.name).itl
@@ -284,14 +315,8 @@ class RouterAPI:
             return
         yield text + stops.flush(), gen.finish_reason or "stop"
 
-    def _usage(self, gen: Generation) -> dict[str, Any]:
-        prompt = len(gen.req.prompt_ids)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": gen.completion_tokens,
-            "total_tokens": prompt + gen.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
-        }
+    def _usage(self, prepared: Prepared) -> dict[str, Any]:
+        return choices.usage(prepared.generations)
 
     def _finish_metrics(self, prepared: Prepared, endpoint: str, status: int, started: float) -> None:
         gen, model = prepared.generation, prepared.runtime.name
@@ -302,7 +327,7 @@ class RouterAPI:
             m.ttft.observe(gen.ttft_s)
         m.prompt_tokens.inc(len(gen.req.prompt_ids))
         m.cached_tokens.inc(gen.cached_tokens)
-        m.completion_tokens.inc(gen.completion_tokens)
+        m.completion_tokens.inc(sum(g.completion_tokens for g in prepared.generations))
         if gen.attempts > 1:
             m.retries.inc(gen.attempts - 1)
         d = gen.decision
@@ -324,14 +349,24 @@ class RouterAPI:
             },
         )
 
-    async def _collect(self, prepared: Prepared) -> tuple[str, str | None]:
-        parts: list[str] = []
-        reason: str | None = None
-        async with contextlib.aclosing(self._text_events(prepared)) as events:
-            async for text, finish in events:
-                parts.append(text)
-                reason = finish or reason
-        return "".join(parts), reason
+    async def _collect(self, prepared: Prepared) -> list[tuple[str, str | None]]:
+        """(text, finish reason) of every choice."""
+        parts: list[list[str]] = [[] for _ in prepared.generations]
+        reasons: list[str | None] = [None] * len(parts)
+        sources = [self._text_events(prepared, g) for g in prepared.generations]
+        async with contextlib.aclosing(choices.merge(sources)) as events:
+            async for index, text, finish in events:
+                parts[index].append(text)
+                reasons[index] = finish or reasons[index]
+        return [("".join(p), r) for p, r in zip(parts, reasons, strict=True)]
+
+    def _logprobs(self, prepared: Prepared, entries: list, offset: int = 0) -> dict[str, Any] | None:
+        if prepared.body.top_logprobs_count() is None:
+            return None
+        tok = prepared.runtime.tokenizer
+        if prepared.kind == "chat":
+            return choices.chat_logprobs(tok, entries)
+        return choices.completion_logprobs(tok, entries, offset)
 
     async def _complete(
         self, request: Request, prepared: Prepared, rid: str, started: float, endpoint: str
@@ -351,7 +386,7 @@ class RouterAPI:
             self._finish_metrics(prepared, endpoint, 499, started)
             return Response(status_code=499)
         try:
-            text, reason = collect.result()
+            results = collect.result()
         except APIError as exc:
             self._finish_metrics(prepared, endpoint, exc.status, started)
             raise _handled(exc) from None
@@ -365,13 +400,14 @@ class RouterAPI:
                 "model": prepared.runtime.name,
                 "choices": [
                     {
-                        "index": 0,
+                        "index": i,
                         "message": {"role": "assistant", "content": text},
-                        "logprobs": None,
+                        "logprobs": self._logprobs(prepared, gen.logprobs),
                         "finish_reason": reason,
                     }
+                    for i, ((text, reason), gen) in enumerate(zip(results, prepared.generations, strict=True))
                 ],
-                "usage": self._usage(prepared.generation),
+                "usage": self._usage(prepared),
             }
         else:
             body = {
@@ -379,15 +415,23 @@ class RouterAPI:
                 "object": "text_completion",
                 "created": created,
                 "model": prepared.runtime.name,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-                "usage": self._usage(prepared.generation),
+                "choices": [
+                    {
+                        "index": i,
+                        "text": text,
+                        "logprobs": self._logprobs(prepared, gen.logprobs),
+                        "finish_reason": reason,
+                    }
+                    for i, ((text, reason), gen) in enumerate(zip(results, prepared.generations, strict=True))
+                ],
+                "usage": self._usage(prepared),
             }
         return _json(body, headers={"x-request-id": rid})
 
     async def _stream(
         self, prepared: Prepared, rid: str, started: float, endpoint: str, request: Request
     ) -> Response:
-        events = self._text_events(prepared)
+        events = choices.merge([self._text_events(prepared, g) for g in prepared.generations])
         try:
             # Failures before the first token are plain HTTP errors; a client that hangs up
             # before it cancels the prefill at once (closing the events cancels the worker call).
@@ -397,7 +441,7 @@ class RouterAPI:
             self._finish_metrics(prepared, endpoint, 499, started)
             raise _handled(APIError(499, "The client closed the connection.", code="client_closed")) from None
         except StopAsyncIteration:
-            first = ("", "stop")
+            first = (0, "", "stop")
         except APIError as exc:
             await events.aclose()
             self._finish_metrics(prepared, endpoint, exc.status, started)
@@ -411,8 +455,14 @@ class RouterAPI:
             "model": prepared.runtime.name,
         }
         include_usage = prepared.body.include_usage()
+        options = prepared.body.stream_options
+        continuous = bool(options and options.continuous_usage_stats)
+        cursor = choices.LogprobCursor(prepared.generations)
+        offsets = [0] * len(prepared.generations)  # text sent per choice (completions' text_offset)
 
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> bytes:
+        def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> bytes:
+            logprobs = None if role else self._logprobs(prepared, cursor.take(index), offsets[index])
+            offsets[index] += len(text or "")
             if chat:
                 delta: dict[str, Any] = {}
                 if role:
@@ -420,16 +470,16 @@ class RouterAPI:
                 if text is not None:
                     delta["content"] = text
                 choice: dict[str, Any] = {
-                    "index": 0,
+                    "index": index,
                     "delta": delta,
-                    "logprobs": None,
+                    "logprobs": logprobs,
                     "finish_reason": finish,
                 }
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             body = {**base, "choices": [choice]}
-            if include_usage:
-                body["usage"] = None
+            if include_usage or continuous:
+                body["usage"] = self._usage(prepared) if continuous else None
             return _sse(body)
 
         finished = False
@@ -439,17 +489,23 @@ class RouterAPI:
             status = 200
             try:
                 if chat:
-                    yield chunk("", None, role=True)
-                text, finish = first
+                    for i in range(len(prepared.generations)):
+                        yield chunk(i, "", None, role=True)
+                unfinished = len(prepared.generations)
+                index, text, finish = first
                 if text or finish is None:
-                    yield chunk(text, None)
-                while finish is None:
-                    text, finish = await anext(events)
+                    yield chunk(index, text, None)
+                while True:
+                    if finish is not None:
+                        yield chunk(index, None if chat else "", finish)
+                        unfinished -= 1
+                        if not unfinished:
+                            break
+                    index, text, finish = await anext(events)
                     if text:
-                        yield chunk(text, None)
-                yield chunk(None if chat else "", finish)
+                        yield chunk(index, text, None)
                 if include_usage:
-                    yield _sse({**base, "choices": [], "usage": self._usage(prepared.generation)})
+                    yield _sse({**base, "choices": [], "usage": self._usage(prepared)})
             except APIError as exc:
                 status = exc.status
                 yield _sse(exc.body())

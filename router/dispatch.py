@@ -70,6 +70,8 @@ class Generation:
     decode_s: float | None = None
     attempts: int = 0
     suspects: int = 0  # worker connections that broke while holding this request
+    # (token id, its logprobs) per sampled token, when the request asked for logprobs.
+    logprobs: list[tuple[int, pb.TokenLogprob]] = field(default_factory=list)
     _started: float = field(default_factory=time.perf_counter)
     _active: tuple[WorkerClient, grpc.aio.Call] | None = None
     _excluded: set[str] = field(default_factory=set)
@@ -176,6 +178,8 @@ class Generation:
                 self._fail(prefill_client, exc)
                 continue
             first_token = reply.first_token
+            if reply.HasField("first_token_logprob"):
+                self.logprobs.append((reply.first_token, reply.first_token_logprob))
             if self._ticket is not None:
                 self._ticket.first_token()
             self.cached_tokens = reply.cached_tokens
@@ -281,6 +285,8 @@ class Generation:
                         if self.ttft_s is None:
                             self.ttft_s = time.perf_counter() - self._started
                         self.completion_tokens += len(reply.token_ids)
+                        if reply.logprobs:
+                            self.logprobs += zip(reply.token_ids, reply.logprobs, strict=False)
                         emitted += reply.token_ids
                         yield list(reply.token_ids)
                     if reply.finish_reason:
@@ -334,10 +340,13 @@ class Generation:
         faithfully (their random stream is keyed by position), so they end in an error event."""
         if sampling.temperature != 0 or not self._may_retry(exc):
             return None
+        if sampling.presence_penalty or sampling.frequency_penalty:
+            return None  # they count output tokens, which would become prompt tokens
         done = ([first_token] if first_token is not None else []) + emitted
         rest = pb.SamplingParams()
         rest.CopyFrom(sampling)
         rest.max_tokens = sampling.max_tokens - len(done)
+        rest.min_tokens = max(0, sampling.min_tokens - len(done))
         log.warning(
             "worker failed mid-stream; continuing the greedy request elsewhere",
             extra={"request_id": self.req.request_id, "tokens_done": len(done)},

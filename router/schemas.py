@@ -1,8 +1,13 @@
 """Request bodies of the OpenAI-compatible API, validated with pydantic.
 
 Unknown fields are rejected (``extra="forbid"``) and fields OpenAI defines but tusk cannot honour
-yet are accepted by name only to be refused with a clear 400: a client that asks for ``n=3`` or
-tool calls must learn that it did not get them, rather than silently receiving something else.
+yet are accepted by name only to be refused with a clear 400: a client that asks for tool calls
+must learn that it did not get them, rather than silently receiving something else.
+
+Implemented besides OpenAI's core: ``n``, ``logprobs``/``top_logprobs``, ``presence_penalty``,
+``frequency_penalty``, and vLLM's extensions that benchmark clients send (``ignore_eos``,
+``min_tokens``, ``top_k``, ``min_p``, ``repetition_penalty``,
+``stream_options.continuous_usage_stats``), with vLLM's ranges. Floats must be finite.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM: usage so far on every chunk
 
 
 class TextPart(_Body):
@@ -41,17 +47,15 @@ class ChatMessage(_Body):
         return "".join(part.text for part in self.content)
 
 
+MAX_N = 16  # choices per request; each is one generation on the workers
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs (and vLLM's default max_logprobs)
+
 # Fields OpenAI defines that tusk does not implement, with the value that means "not used".
 _UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1),
     "best_of": (None, 1),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None,),
@@ -69,27 +73,32 @@ _UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _finite(**bounds: float) -> Any:
+    return Field(allow_inf_nan=False, **bounds)
+
+
 class _SamplingBody(_Body):
     model: str = Field(min_length=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    temperature: Annotated[float, _finite(ge=0, le=2)] | None = None
+    top_p: Annotated[float, _finite(gt=0, le=1)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
     stop: str | list[str] | None = None
     user: str | None = None
-    # Extensions (vLLM and SGLang accept the same names).
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    presence_penalty: Annotated[float, _finite(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, _finite(ge=-2, le=2)] | None = None
+    # Extensions (vLLM and SGLang accept the same names and ranges).
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # 0 or -1 = disabled
+    min_p: Annotated[float, _finite(ge=0, le=1)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    repetition_penalty: Annotated[float, _finite(gt=0)] | None = None
     ignore_eos: StrictBool = False
     # Accepted by name only, refused unless they hold their "off" value.
-    n: Any = None
     best_of: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
     logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     service_tier: Any = None
     store: Any = None
     metadata: Any = None
@@ -107,7 +116,19 @@ class _SamplingBody(_Body):
             raise _Unsupported("stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed")
         if any(s == "" for s in stops):
             raise _Unsupported("stop", "stop strings must not be empty")
+        limit = self.output_limit()
+        if self.min_tokens and limit is not None and self.min_tokens > limit:
+            raise _Unsupported(
+                "min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({limit})"
+            )
         return self
+
+    def choices(self) -> int:
+        return self.n or 1
+
+    def top_logprobs_count(self) -> int | None:
+        """None = no logprobs; else the sampled token's plus this many alternatives."""
+        raise NotImplementedError
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -136,14 +157,30 @@ class ChatCompletionRequest(_SamplingBody):
     reasoning_effort: Any = None
     web_search_options: Any = None
 
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    @model_validator(mode="after")
+    def _logprobs_flag(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise _Unsupported("top_logprobs", "top_logprobs requires logprobs to be true")
+        return self
+
     def output_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_SamplingBody):
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: Any = None
     suffix: Any = None
+
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CompletionRequest:

@@ -28,8 +28,23 @@ def _error(resp: httpx.Response, status: int) -> dict:
         ({"model": MODEL, "messages": MSG, "stream": "yes"}, "stream", "invalid_value"),
         ({"model": MODEL, "messages": MSG, "frobnicate": 1}, "frobnicate", "unknown_field"),
         ({"model": MODEL}, "messages", "missing_required_parameter"),
-        ({"model": MODEL, "messages": MSG, "n": 2}, "n", "unsupported_parameter"),
-        ({"model": MODEL, "messages": MSG, "logprobs": True}, "logprobs", "unsupported_parameter"),
+        ({"model": MODEL, "messages": MSG, "n": 17}, "n", "invalid_value"),
+        ({"model": MODEL, "messages": MSG, "top_logprobs": 2}, "top_logprobs", "unsupported_parameter"),
+        (
+            {"model": MODEL, "messages": MSG, "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+            "invalid_value",
+        ),
+        ({"model": MODEL, "messages": MSG, "presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+        ({"model": MODEL, "messages": MSG, "repetition_penalty": 0}, "repetition_penalty", "invalid_value"),
+        ({"model": MODEL, "messages": MSG, "min_p": -0.1}, "min_p", "invalid_value"),
+        (
+            {"model": MODEL, "messages": MSG, "min_tokens": 5, "max_completion_tokens": 4},
+            "min_tokens",
+            "unsupported_parameter",
+        ),
+        ({"model": MODEL, "messages": MSG, "logit_bias": {"1": 5}}, "logit_bias", "unsupported_parameter"),
+        ({"model": MODEL, "messages": MSG, "best_of": 2}, "best_of", "unsupported_parameter"),
         (
             {"model": MODEL, "messages": MSG, "tools": [{"type": "function"}]},
             "tools",
@@ -58,6 +73,19 @@ def test_invalid_fields_are_400(two_worker_router, payload, param, code) -> None
     assert err["param"] == param
     assert err["code"] == code
     assert err["type"] == "invalid_request_error"
+    assert not any(w.s.generate_calls for w in workers)
+
+
+def test_non_finite_sampling_values_are_400(two_worker_router) -> None:
+    _, workers, url = two_worker_router
+    for field in ("temperature", "top_p", "min_p", "frequency_penalty", "repetition_penalty"):
+        for value in ("NaN", "Infinity", "-Infinity"):
+            raw = f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "hi"}}], "{field}": {value}}}'
+            resp = httpx.post(
+                f"{url}{CHAT}", content=raw.encode(), headers={"content-type": "application/json"}
+            )
+            err = _error(resp, 400)
+            assert err["param"] == field and err["code"] == "invalid_value", (field, value)
     assert not any(w.s.generate_calls for w in workers)
 
 
