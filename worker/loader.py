@@ -326,21 +326,8 @@ def load_weights(folder: Path, dtype: torch.dtype, device: torch.device) -> dict
 
 
 def model_digest(folder: Path) -> str:
-    """A stable identity for the fingerprint of KV blocks: config plus weight file names and sizes.
+    """The model identity in KV-tier keys: config plus the SHA-256 of every weight byte (see
+    ``tusk.worker.fingerprint`` for how the hashes are cached)."""
+    from tusk.worker.fingerprint import model_identity
 
-    Hashing all weight bytes would cost seconds on big checkpoints; config, shard sizes and the
-    first and last 64 KiB of every shard separate any two checkpoints a deployment could mix up,
-    yet the digest does not depend on where the folder lives.
-    """
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=8)
-    h.update((folder / "config.json").read_bytes())
-    for file in weight_files(folder):
-        size = file.stat().st_size
-        h.update(f"{file.name}:{size};".encode())
-        with open(file, "rb") as f:
-            h.update(f.read(1 << 16))
-            f.seek(max(0, size - (1 << 16)))
-            h.update(f.read(1 << 16))
-    return h.hexdigest()
+    return model_identity(folder, weight_files(folder))
