@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from tusk.router.api import RouterAPI
-from tusk.router.discovery import KubernetesDiscovery, StaticDiscovery
+from tusk.router.discovery import KubernetesDiscovery, SelectorDiscovery, StaticDiscovery
 from tusk.router.errors import APIError
 from tusk.router.logs import setup_logging
 from tusk.router.metrics import RouterMetrics
@@ -56,24 +56,25 @@ class Router:
         self.metrics = RouterMetrics()
         self.registry = ModelRegistry()
         self.api = RouterAPI(config, self.registry, self.metrics)
-        self.discoveries: list[StaticDiscovery | KubernetesDiscovery] = [
+        self.discoveries: list[StaticDiscovery | KubernetesDiscovery | SelectorDiscovery] = [
             StaticDiscovery(config, self.registry, self.metrics, self.options.poll_interval_s)
         ]
         if self.options.kubernetes:
             namespace = self.options.namespace
             self.discoveries.append(
-                KubernetesDiscovery(self.registry, self.metrics, config.routing, namespace=namespace)
+                KubernetesDiscovery(
+                    self.registry,
+                    self.metrics,
+                    config.routing,
+                    namespace=namespace,
+                    poll_interval_s=self.options.poll_interval_s,
+                )
             )
             for route in config.models:  # routes with their own selector: pods not labelled by tusk
                 if route.kubernetes_selector:
                     self.discoveries.append(
-                        KubernetesDiscovery(
-                            self.registry,
-                            self.metrics,
-                            config.routing,
-                            namespace=namespace,
-                            selector=route.kubernetes_selector,
-                            model=route.name,
+                        SelectorDiscovery(
+                            self.registry, route.name, selector=route.kubernetes_selector, namespace=namespace
                         )
                     )
         api = self.api
@@ -123,7 +124,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--config", type=Path, help="RouterConfig JSON (or YAML) file")
     p.add_argument("--host", help="override config host")
     p.add_argument("--port", type=int, help="override config port (0 = any free port)")
-    p.add_argument("--kubernetes", action="store_true", help="also discover worker pods by their labels")
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="also serve the ModelDeployments in the cluster (their worker pods, checked by owner)",
+    )
     p.add_argument("--namespace", help="watch only this namespace (default: all the router may list)")
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to let streams finish on SIGTERM"

@@ -1,124 +1,71 @@
-"""Kubernetes discovery: pods -> endpoints as a pure function, and the event handler that adds
-and removes workers (and fetches a new model's tokenizer over GetModelInfo) without a restart."""
+"""Kubernetes discovery pieces: pods -> endpoints as a pure function, the owner chain, the
+list/watch plumbing against kmock's API server emulator with the real ``kubernetes`` client,
+route selectors, departing pods, and a model whose tokenizer cannot be fetched yet."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
-from tusk.router.discovery import DiscoveredWorker, KubernetesDiscovery, pod_endpoints
+import pytest
+from router_fake_cluster import FakeCluster, FakeListWatch, owner_ref
+from test_discovery_watch import Setup, pod, wait
+from tusk.router import discovery as discovery_module
+from tusk.router.discovery import OwnerChain, SelectorDiscovery, pod_endpoint
+from tusk.router.kube import SYNC, ClientListWatch, Reflector, _is_gone
 
-from tusk.config import Role, RoutingConfig
-
-LABELS = {
-    "app.kubernetes.io/part-of": "tusk",
-    "app.kubernetes.io/name": "tusk-worker",
-    "app.kubernetes.io/instance": "llama",
-    "app.kubernetes.io/managed-by": "tusk-operator",
-    "tusk.dev/model": "llama",
-    "tusk.dev/role": "decode",
-}
+from tusk.config import Role
 
 
-def pod(
-    name="p1", ip="10.0.0.7", port=50051, ready=True, phase="Running", labels=None, names=None, deleting=False
-):
-    meta = {"name": name, "namespace": "ml", "labels": dict(LABELS if labels is None else labels)}
-    if names:
-        meta["annotations"] = {"tusk.dev/served-model-names": names}
-    if deleting:
-        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    return {
-        "metadata": meta,
-        "spec": {
-            "containers": [
-                {
-                    "name": "worker",
-                    "ports": [
-                        {"name": "metrics", "containerPort": 9090},
-                        {"name": "grpc", "containerPort": port},
-                    ],
-                }
-            ]
-        },
-        "status": {
-            "phase": phase,
-            "podIP": ip,
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
-        },
-    }
+def test_pod_endpoint_needs_a_running_ready_pod_with_an_ip() -> None:
+    base = pod("ml", "p", "10.0.0.7:50051", None)
+    assert pod_endpoint(base) == ("10.0.0.7:50051", Role.DECODE)
+    assert pod_endpoint(pod("ml", "p", "fd00::5:7000", None)) == ("[fd00::5]:7000", Role.DECODE)
+    assert pod_endpoint(pod("ml", "p", "10.0.0.7:50051", None, ready=False)) is None
+    assert pod_endpoint(pod("ml", "p", "10.0.0.7:50051", None, role="weird")) is None
+    for change in ({"phase": "Pending"}, {"podIP": None}):
+        p = pod("ml", "p", "10.0.0.7:50051", None)
+        p["status"].update(change)
+        assert pod_endpoint(p) is None
+    p = pod("ml", "p", "10.0.0.7:50051", None)
+    p["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert pod_endpoint(p) is None
 
 
-def test_pod_endpoints_follow_the_label_contract() -> None:
-    assert pod_endpoints(pod()) == [DiscoveredWorker("llama", "10.0.0.7:50051", Role.DECODE)]
-    assert pod_endpoints(pod(names="llama-8b, chat")) == [
-        DiscoveredWorker("llama-8b", "10.0.0.7:50051", Role.DECODE),
-        DiscoveredWorker("chat", "10.0.0.7:50051", Role.DECODE),
-    ]
-    assert pod_endpoints(pod(ip="fd00::5", port=7000))[0].address == "[fd00::5]:7000"
-    assert pod_endpoints(pod(ready=False)) == []
-    assert pod_endpoints(pod(phase="Pending")) == []
-    assert pod_endpoints(pod(deleting=True)) == []
-    assert pod_endpoints(pod(ip=None)) == []
-    assert pod_endpoints(pod(labels={**LABELS, "app.kubernetes.io/name": "other"})) == []
-    assert pod_endpoints(pod(labels={**LABELS, "tusk.dev/role": "weird"})) == []
+def test_owner_chain_checks_uids_kinds_and_caches() -> None:
+    cluster = FakeCluster()
+    md = cluster.model_deployment("ml", "llama")
+    rs = cluster.replica_set_of(md)
+    gets: list[tuple[str, str, str]] = []
+
+    def get(kind, ns, name):
+        gets.append((kind, ns, name))
+        return cluster.get(kind, ns, name)
+
+    chain = OwnerChain(get)
+    good = pod("ml", "p", "10.0.0.1:1", rs)
+    assert chain.model_deployment(good) == ("llama", md["metadata"]["uid"])
+    assert chain.model_deployment(good) == ("llama", md["metadata"]["uid"])
+    assert len(gets) == 2  # ReplicaSet and Deployment once each
+    assert chain.model_deployment(pod("ml", "p", "10.0.0.1:1", None)) is None
+    assert chain.model_deployment(pod("other", "p", "10.0.0.1:1", rs)) is None  # same names elsewhere: no
+    forged = {**rs, "metadata": {**rs["metadata"], "uid": "guess"}}
+    assert chain.model_deployment(pod("ml", "p", "10.0.0.1:1", forged)) is None
+    as_deployment = {**rs, "kind": "Deployment"}  # skips the ReplicaSet step
+    assert chain.model_deployment(pod("ml", "p", "10.0.0.1:1", as_deployment)) is None
 
 
-def test_pod_endpoints_accept_kubernetes_client_objects() -> None:
-    import json
-
-    from kubernetes.client import ApiClient
-
-    obj = ApiClient().deserialize(json.dumps(pod()), "V1Pod", "application/json")
-    assert pod_endpoints(obj) == [DiscoveredWorker("llama", "10.0.0.7:50051", Role.DECODE)]
+def test_gone_covers_410_and_too_large_resource_versions() -> None:
+    assert _is_gone(410, "Gone: too old resource version: 5 (10)")
+    assert _is_gone(504, "Timeout: Too large resource version: 12, current: 9")
+    assert not _is_gone(504, "Timeout: request did not complete")
+    assert not _is_gone(403, "Forbidden")
 
 
-def test_watch_events_add_and_remove_workers_live(harness) -> None:
-    """A model that exists only in the cluster: its first pod brings the tokenizer via
-    GetModelInfo, later pods join, deleted pods leave, all while the router serves."""
-    w1, e1 = harness.worker(model="llama", tokenizer_dir=harness.tokenizer_dir)
-    w2, e2 = harness.worker(model="llama", tokenizer_dir=harness.tokenizer_dir)
-    router, url = harness.router([e1], wait_ready=True)  # also serves the static "tiny" model
-    disc = KubernetesDiscovery(router.registry, router.metrics, RoutingConfig(policy="round_robin"))
-
-    def event(kind, p):
-        async def apply():
-            disc.on_event(kind, p)
-
-        harness.run(apply())
-
-    def wait(pred, what):
-        deadline = time.monotonic() + 10
-        while not pred():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.05)
-
-    host1, port1 = e1.address.split(":")
-    host2, port2 = e2.address.split(":")
-    event("ADDED", pod("a", ip=host1, port=int(port1)))
-    wait(lambda: "llama" in router.registry.models, "model never discovered")
-    wait(lambda: router.registry.get("llama").has_ready_worker(), "worker never ready")
-    body = {"model": "llama", "prompt": "x", "max_tokens": 2}
-    assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
-    assert "llama" in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
-
-    event("ADDED", pod("b", ip=host2, port=int(port2), ready=False))
-    assert len(router.registry.get("llama").clients) == 1  # not ready: not routed to
-    event("MODIFIED", pod("b", ip=host2, port=int(port2)))
-    wait(lambda: len(router.registry.get("llama").ready_states()) == 2, "second pod never joined")
-    event("DELETED", pod("a", ip=host1, port=int(port1)))
-    wait(lambda: len(router.registry.get("llama").clients) == 1, "deleted pod never left")
-    before = len(w2.s.generate_calls)
-    for _ in range(2):
-        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
-    assert len(w2.s.generate_calls) == before + 2
-    event("DELETED", pod("b", ip=host2, port=int(port2)))
-    wait(lambda: not router.registry.get("llama").clients, "last pod never left")
-    assert httpx.post(f"{url}/v1/completions", json=body).status_code == 503
-
-
-def test_watch_loop_against_an_emulated_api_server(harness) -> None:
-    """The real watch thread and kubernetes client against kmock's API server emulator."""
+def test_client_list_watch_against_an_emulated_api_server(harness) -> None:
+    """The real kubernetes client: list gives the items and a resourceVersion, the watch
+    delivers what follows in order, and stop wakes a watch parked in its long poll at once."""
     import contextlib
 
     import kmock
@@ -133,116 +80,114 @@ def test_watch_loop_against_an_emulated_api_server(harness) -> None:
         return str(server.url).rstrip("/")
 
     api_url = harness.run(start_emulator())
-
-    def api() -> k8s.CoreV1Api:
-        return k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=api_url)))
-
-    _, endpoint = harness.worker(model="llama", tokenizer_dir=harness.tokenizer_dir)
-    router, url = harness.router([], wait_ready=False)
-    disc = KubernetesDiscovery(
-        router.registry,
-        router.metrics,
-        RoutingConfig(policy="round_robin"),
-        api_factory=api,
-        watch_timeout_s=1,
+    core = k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=api_url)))
+    core.create_namespaced_pod("ml", pod("ml", "before", "10.0.0.1:1", None))
+    events: list[tuple[str, str]] = []
+    source = ClientListWatch(
+        core.list_namespaced_pod, "ml", label_selector="app.kubernetes.io/name=tusk-worker"
     )
-    harness.run(disc.start())
+
+    def deliver(kind, payload):
+        if kind == SYNC:
+            events.append((SYNC, ",".join(sorted(p["metadata"]["name"] for p in payload))))
+        else:
+            events.append((kind, payload["metadata"]["name"]))
+
+    reflector = Reflector("pods", source, deliver, watch_timeout_s=300)
+    reflector.start()
     try:
-        host, port = endpoint.address.split(":")
-        api().create_namespaced_pod("ml", pod("w-1", ip=host, port=int(port)))
-        deadline = time.monotonic() + 15
-        while not ("llama" in router.registry.models and router.registry.get("llama").has_ready_worker()):
-            assert time.monotonic() < deadline, "watched pod never became a worker"
-            time.sleep(0.05)
-        assert (
-            httpx.post(
-                f"{url}/v1/completions", json={"model": "llama", "prompt": "x", "max_tokens": 2}
-            ).status_code
-            == 200
-        )
-        api().delete_namespaced_pod("w-1", "ml")
-        while router.registry.get("llama").clients:
-            assert time.monotonic() < deadline + 10, "deleted pod never left"
-            time.sleep(0.05)
+        wait(lambda: events, "no list")
+        assert events[0] == (SYNC, "before")
+        time.sleep(0.3)  # the watch is open now (kmock replays "before" as ADDED: harmless)
+        core.create_namespaced_pod("ml", pod("ml", "after", "10.0.0.2:1", None))
+        core.delete_namespaced_pod("before", "ml")
+        wait(lambda: events[-1:] == [("DELETED", "before")], "no watch events")
+        assert events[-2:] == [("ADDED", "after"), ("DELETED", "before")]
+        assert reflector.lists == 1
     finally:
-        harness.run(disc.stop(), timeout=30)
+        started = time.monotonic()
+        reflector.stop(10)
+        assert time.monotonic() - started < 5  # not the 300 s watch timeout
         harness.run(stack.aclose())
 
 
-def test_a_route_selector_claims_pods_without_the_tusk_labels() -> None:
-    plain = pod(labels={"app": "my-vllm-compatible-worker", "tusk.dev/role": "both"})
-    assert pod_endpoints(plain) == []
-    assert pod_endpoints(plain, model="mine") == [DiscoveredWorker("mine", "10.0.0.7:50051", Role.BOTH)]
-    assert pod_endpoints(pod(ready=False), model="mine") == []
-
-
-def test_a_departing_pod_finishes_its_streams(harness) -> None:
-    """A terminating pod leaves the routing set at once, but its running stream completes."""
-    import threading
-
-    slow, endpoint = harness.worker(
-        model="llama",
-        tokenizer_dir=harness.tokenizer_dir,
-        token_delay_s=0.02,
-        script=harness.script("word " * 100),
+def test_a_route_selector_claims_its_pods_in_order(harness) -> None:
+    cluster = FakeCluster()
+    _, endpoint = harness.worker()
+    router, url = harness.router([], wait_ready=False)  # serves the static "tiny" model
+    disc = SelectorDiscovery(
+        router.registry, "tiny", selector="app=mine", source=FakeListWatch(cluster, "pods")
     )
-    router, url = harness.router([], wait_ready=False)
-    disc = KubernetesDiscovery(router.registry, router.metrics, RoutingConfig(policy="round_robin"))
-    host, port = endpoint.address.split(":")
+    harness.run(disc.start())
+    try:
+        plain = pod("ml", "mine", endpoint.address, None, labels={"app": "mine"}, role="both")
+        cluster.put("pods", plain)
+        wait(lambda: router.registry.get("tiny").can_serve(), "selected pod never served")
+        for ready in (False, True, False, True):
+            cluster.put("pods", pod("ml", "mine", endpoint.address, None, role="both", ready=ready))
+        time.sleep(0.3)
+        assert set(router.registry.get("tiny").clients) == {endpoint.address}
+        assert httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x"}).status_code == 200
+        cluster.delete("pods", "ml", "mine")
+        wait(lambda: not router.registry.get("tiny").clients, "deleted pod stayed")
+    finally:
+        harness.run(disc.stop())
 
-    def event(kind, p):
-        async def apply():
-            disc.on_event(kind, p)
 
-        harness.run(apply())
+@pytest.fixture
+def one_model(harness):
+    made: list[Setup] = []
+    yield made
+    for s in made:
+        s.close()
 
-    event("ADDED", pod("a", ip=host, port=int(port)))
-    deadline = time.monotonic() + 10
-    while not ("llama" in router.registry.models and router.registry.get("llama").has_ready_worker()):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+
+def test_a_departing_pod_finishes_its_streams(harness, one_model) -> None:
+    """A terminating pod leaves the routing set at once, but its running stream completes."""
+    s = Setup(harness)
+    one_model.append(s)
+    slow, address = s.worker(token_delay_s=0.02, script=harness.script("word " * 100))
+    md = s.cluster.model_deployment("ml", "llama")
+    rs = s.cluster.replica_set_of(md)
+    s.cluster.put("pods", pod("ml", "a", address, rs))
+    s.settle({("ml/llama", address)}, "start")
     lines: list[str] = []
 
     def stream() -> None:
         body = {"model": "llama", "prompt": "x", "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=20) as r:
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=20) as r:
             lines.extend(ln for ln in r.iter_lines() if ln)
 
     t = threading.Thread(target=stream)
     t.start()
-    while not slow.s.generate_calls:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    event("MODIFIED", pod("a", ip=host, port=int(port), deleting=True))
-    while router.registry.get("llama").clients:  # no new requests go there
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait(lambda: slow.s.generate_calls, "stream never started")
+    terminating = pod("ml", "a", address, rs)
+    terminating["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    s.cluster.put("pods", terminating)
+    s.settle(set(), "terminating pod still routed")
     assert t.is_alive()  # ...while the running stream goes on
     t.join(20)
     assert lines[-1] == "data: [DONE]" and not any('"error"' in ln for ln in lines)
 
 
-def test_a_failed_tokenizer_fetch_is_retried_on_the_next_event(harness) -> None:
+def test_a_model_whose_tokenizer_cannot_be_fetched_yet_is_retried(harness, one_model, monkeypatch) -> None:
+    monkeypatch.setattr(discovery_module, "RETRY_MODEL_S", 0.2)
+    s = Setup(harness)
+    one_model.append(s)
     worker, endpoint = harness.worker(model="late", tokenizer_dir=None)  # GetModelInfo has no files
-    router, _ = harness.router([], wait_ready=False)
-    disc = KubernetesDiscovery(router.registry, router.metrics, RoutingConfig(policy="round_robin"))
-    host, port = endpoint.address.split(":")
-    p = pod("a", ip=host, port=int(port), names="late")
-
-    def event(kind):
-        async def apply():
-            disc.on_event(kind, p)
-
-        harness.run(apply())
-
-    event("ADDED")
-    deadline = time.monotonic() + 10
-    while disc._pending:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    assert "late" not in router.registry.models  # no tokenizer, no model
+    md = s.cluster.model_deployment("ml", "late")
+    s.cluster.put("pods", pod("ml", "a", endpoint.address, s.cluster.replica_set_of(md)))
+    time.sleep(0.5)
+    assert "ml/late" not in s.router.registry.models  # no tokenizer, no model
     worker.s.tokenizer_dir = harness.tokenizer_dir
-    event("MODIFIED")
-    while "late" not in router.registry.models:
-        assert time.monotonic() < deadline, "the fetch was never retried"
-        time.sleep(0.02)
+    s.settle({("ml/late", endpoint.address)}, "the fetch was never retried")
+
+
+def test_owner_ref_helper_matches_what_the_operator_writes() -> None:
+    from tusk.operator.desired import Owner
+
+    cluster = FakeCluster()
+    md = cluster.model_deployment("ml", "llama")
+    ours = owner_ref(md)
+    theirs = Owner(name="llama", namespace="ml", uid=md["metadata"]["uid"]).reference()
+    assert {k: theirs[k] for k in ours} == ours
