@@ -56,6 +56,17 @@ class EngineConfig(_Strict):
     kernel_backend: str | None = Field(None, description="force a tusk.kernels backend (torch, triton)")
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _budget_covers_decodes(self) -> EngineConfig:
+        # vLLM's SchedulerConfig check: a step budget below the sequence cap starves running
+        # decodes (each needs one token of budget every step).
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}): every running sequence needs one token of budget per step"
+            )
+        return self
+
 
 class WorkerConfig(_Strict):
     model: str = Field(..., description="local folder, or hf://org/name")

@@ -20,7 +20,8 @@ def check(folder: Path, n: int = 10, **engine: object) -> LLMEngine:
     assert eng.generate([PROMPT], SamplingParams(max_tokens=n, ignore_eos=True)) == [expected]
     # Chunked prefill and a batch of two reach the same tokens.
     chunked = LLMEngine(
-        folder, EngineConfig(num_kv_blocks=64, block_size=4, max_num_batched_tokens=6, **engine)
+        folder,
+        EngineConfig(num_kv_blocks=64, block_size=4, max_num_batched_tokens=6, max_num_seqs=6, **engine),
     )
     other = PROMPT[5:]
     both = chunked.generate([PROMPT, other], SamplingParams(max_tokens=n, ignore_eos=True))

@@ -34,7 +34,8 @@ def test_single_request_matches_transformers(model_dirs: dict[str, Path], arch: 
 def test_sixteen_concurrent_requests_match_transformers(model_dirs: dict[str, Path], arch: str) -> None:
     # A small token budget forces chunked prefill mixed with decodes of other requests.
     engine = LLMEngine(
-        model_dirs[arch], EngineConfig(num_kv_blocks=256, block_size=4, max_num_batched_tokens=48)
+        model_dirs[arch],
+        EngineConfig(num_kv_blocks=256, block_size=4, max_num_batched_tokens=48, max_num_seqs=48),
     )
     batch = prompts(16, seed=11, lo=1, hi=60)
     outputs = engine.generate(batch, greedy(10))

@@ -224,5 +224,7 @@ def test_mistral_sliding_window_smaller_than_the_prompt(tmp_path: Path) -> None:
     eng = check_matches_transformers(folder, n=10)
     assert eng.spec.layer_windows == (8, 8) and eng.max_model_len == 512  # no longer capped
     expected = hf_greedy(folder, PROMPT, 10)
-    chunked = LLMEngine(folder, EngineConfig(num_kv_blocks=32, block_size=4, max_num_batched_tokens=5))
+    chunked = LLMEngine(
+        folder, EngineConfig(num_kv_blocks=32, block_size=4, max_num_batched_tokens=5, max_num_seqs=5)
+    )
     assert chunked.generate([PROMPT], SamplingParams(max_tokens=10, ignore_eos=True)) == [expected]

@@ -111,3 +111,13 @@ def test_logprobs_are_raw_log_softmax_of_each_step(engine, llama_dir) -> None:
 def test_bad_sampling_values_are_refused(engine, params) -> None:
     with pytest.raises(InvalidRequest):
         engine.add_request("bad", [1, 2, 3], SamplingParams(**{"max_tokens": 4, **params}))
+
+
+def test_token_budget_below_the_sequence_cap_is_a_config_error() -> None:
+    import pydantic
+
+    with pytest.raises(
+        pydantic.ValidationError, match="max_num_batched_tokens \\(8\\) must be >= max_num_seqs"
+    ):
+        EngineConfig(max_num_batched_tokens=8, max_num_seqs=16)
+    assert EngineConfig(max_num_batched_tokens=16, max_num_seqs=16).max_num_seqs == 16
