@@ -114,7 +114,8 @@ class RouterAPI:
         except APIError as exc:
             return exc.response(rid)
         data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "tusk"} for name in self.registry.models
+            {"id": name, "object": "model", "created": 0, "owned_by": "tusk"}
+            for name in self.registry.public_names()
         ]
         return _json({"object": "list", "data": data}, headers={"x-request-id": rid})
 

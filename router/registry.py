@@ -231,13 +231,19 @@ class ModelRegistry:
         return [rt for rt in self.models.values() if name in rt.aliases]
 
     def public_names(self) -> list[str]:
-        """The names to list in /v1/models: each model's served names where unambiguous, and
-        its key otherwise (a model may be asked for by either)."""
+        """The names to list in /v1/models: each model's served names where unambiguous, else
+        ``namespace/name`` (static models: their name). Any alias or key is accepted too."""
         names: list[str] = []
         for rt in self.models.values():
-            unique = [a for a in rt.aliases if len(self.serving(a)) == 1 and a not in self.models]
-            names.extend(unique or [rt.key])
-        return names
+            served = [a for a in rt.aliases if "/" not in a]
+            if not served:
+                names.append(rt.key)
+            for name in served:
+                if len(self.serving(name)) == 1 and name not in self.models:
+                    names.append(name)
+                else:  # its namespace-qualified alias
+                    names.extend(a for a in rt.aliases if a.endswith(f"/{name}"))
+        return list(dict.fromkeys(names))
 
     def can_serve(self) -> bool:
         return any(rt.can_serve() for rt in self.models.values())

@@ -133,6 +133,7 @@ def test_list_then_watch_follows_adds_and_deletes(setup) -> None:
     assert resp.status_code == 200 and resp.json()["model"] == "llama"
     s.cluster.delete("pods", "ml", "p1")
     s.settle({("ml/llama", a2)}, "deleted pod")
+    assert [m["id"] for m in httpx.get(f"{s.url}/v1/models").json()["data"]] == ["tiny", "llama"]
     assert s.cluster.lists == {"pods": 1, "models": 1}  # one list each, the rest watched
 
 
