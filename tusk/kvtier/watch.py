@@ -11,7 +11,9 @@ and the index keeps stale tier entries, which costs the router a mis-estimate an
 miss, never a wrong answer.
 
 A restarted server (no persistence) has lost every block: when the watcher reconnects to a server
-with a new ``run_id`` it emits CLEARED for the tier. With Redis Cluster, notifications are per
+with a new ``run_id`` it emits CLEARED for the tier. A tier that is not up yet (a worker pod that
+starts before it) or goes away is retried with a backoff, doubling up to ``max_reconnect_s``; until
+then evictions go unseen, which costs cache estimates, never answers. With Redis Cluster, notifications are per
 node; the watcher follows the node of its URL only (see docs/kv-tier.md).
 """
 
@@ -45,6 +47,7 @@ class TierEvictionWatcher:
         *,
         timeout_s: float = 2.0,
         reconnect_s: float = 0.5,
+        max_reconnect_s: float = 30.0,
     ) -> None:
         self.url = url
         self.events = events
@@ -52,27 +55,31 @@ class TierEvictionWatcher:
         self._prefix = f"{KEY_PREFIX}:{digest}:".encode()
         self._timeout_s = timeout_s
         self._reconnect_s = reconnect_s
+        self._max_reconnect_s = max(max_reconnect_s, reconnect_s)
         self._task: asyncio.Task | None = None
         self._run_id: str | None = None
         self._subscribed = asyncio.Event()
 
     async def start(self) -> bool:
-        """Enable notifications if needed and start listening; False if they cannot be enabled."""
+        """Enable notifications if needed and start listening; False if the server refuses them.
+        An unreachable tier is not a refusal: the watch keeps trying in the background."""
         if is_cluster(self.url):
             log.warning("KV tier eviction watch does not follow Redis Cluster nodes; evictions unseen")
             return False
         redis = connect(self.url, timeout_s=self._timeout_s)
+        reachable = True
         try:
             if not await self._enable(redis):
                 return False
         except (RedisError, OSError) as exc:
-            log.warning("KV tier eviction watch not started: %s", exc)
-            return False
+            log.warning("KV tier unreachable; the eviction watch keeps retrying: %s", exc)
+            reachable = False
         finally:
             await redis.aclose()
         self._task = asyncio.create_task(self._run(), name="kvtier-eviction-watch")
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), self._timeout_s)
+        if reachable:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), self._timeout_s)
         return True
 
     async def _enable(self, redis) -> bool:
@@ -88,6 +95,7 @@ class TierEvictionWatcher:
         return True
 
     async def _run(self) -> None:
+        delay = self._reconnect_s
         while True:
             redis = connect(self.url, timeout_s=self._timeout_s)
             pubsub = redis.pubsub()
@@ -101,6 +109,7 @@ class TierEvictionWatcher:
                 db = redis.connection_pool.connection_kwargs.get("db", 0)
                 await pubsub.subscribe(f"__keyevent@{db}__:evicted")
                 self._subscribed.set()
+                delay = self._reconnect_s
                 while True:
                     # Poll with a timeout rather than block on the socket: the client's socket
                     # timeout would otherwise turn a quiet tier into a reconnect loop.
@@ -110,13 +119,14 @@ class TierEvictionWatcher:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                log.info("KV tier eviction watch reconnecting: %s", exc)
+                log.info("KV tier eviction watch reconnecting in %.1f s: %s", delay, exc)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
                 with contextlib.suppress(Exception):
                     await redis.aclose()
-            await asyncio.sleep(self._reconnect_s)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_reconnect_s)
 
     def _on_evicted(self, key) -> None:
         if not isinstance(key, bytes) or not key.startswith(self._prefix):
