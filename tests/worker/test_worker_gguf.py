@@ -53,6 +53,21 @@ def test_gguf_weights_match_transformers(qtype: str, llama_folder: Path, tmp_pat
     path = save_gguf(tmp_path / f"tiny-{qtype}.gguf", llama_folder, qtype)
     eng = LLMEngine(str(path), EngineConfig(num_kv_blocks=32, block_size=8))
     assert eng.spec.architecture == "LlamaForCausalLM" and eng.spec.num_layers == 3
+    # GetModelInfo sends these files of the engine's folder to the router.
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (eng.folder / name).is_file()
+    out = eng.generate([PROMPT], SamplingParams(max_tokens=10, ignore_eos=True))
+    assert out == [hf_gguf_greedy(path, PROMPT, 10)]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_gguf_matches_transformers(arch: str, tmp_path: Path) -> None:
+    # transformers' GGUF loader reads no head_dim for these and keeps its default (Qwen3: 128).
+    head_dim = 128 if arch == "qwen3" else 16
+    source = save_model(tmp_path / arch, arch, seed=12, vocab_size=VOCAB, head_dim=head_dim)
+    path = save_gguf(tmp_path / f"{arch}.gguf", source, "Q8_0", arch=arch)
+    eng = LLMEngine(str(path), EngineConfig(num_kv_blocks=32, block_size=8))
+    assert eng.spec.family == arch and eng.spec.qkv_bias == (arch == "qwen2")
     out = eng.generate([PROMPT], SamplingParams(max_tokens=10, ignore_eos=True))
     assert out == [hf_gguf_greedy(path, PROMPT, 10)]
 

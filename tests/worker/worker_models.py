@@ -130,6 +130,8 @@ GGUF_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
 
 
@@ -158,9 +160,12 @@ def gguf_tokenizer_metadata(writer) -> int:
     return len(tokens) + len(specials)
 
 
-def save_gguf(path: Path, folder: Path, qtype: str = "F32", extra: dict | None = None) -> Path:
-    """Write the HF checkpoint in ``folder`` (a Llama) as llama.cpp would: its tensor names, Q/K rows
-    permuted, 2-D weights in ``qtype`` (norms stay F32); ``extra`` adds raw tensors by GGUF name."""
+def save_gguf(
+    path: Path, folder: Path, qtype: str = "F32", extra: dict | None = None, arch: str = "llama"
+) -> Path:
+    """Write the HF checkpoint in ``folder`` (a Llama, Qwen2 or Qwen3) as llama.cpp would: its tensor
+    names, Llama's Q/K rows permuted, 2-D weights in ``qtype`` (norms stay F32); ``extra`` adds raw
+    tensors by GGUF name."""
     import json
 
     import gguf
@@ -170,7 +175,7 @@ def save_gguf(path: Path, folder: Path, qtype: str = "F32", extra: dict | None =
     config = json.loads((folder / "config.json").read_text())
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -178,6 +183,9 @@ def save_gguf(path: Path, folder: Path, qtype: str = "F32", extra: dict | None =
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_dimension_count(head_dim)
+    if head_dim != config["hidden_size"] // heads:  # as llama.cpp's converter writes it
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(config.get("rope_theta") or config["rope_parameters"]["rope_theta"]))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     vocab = gguf_tokenizer_metadata(writer)
@@ -191,7 +199,9 @@ def save_gguf(path: Path, folder: Path, qtype: str = "F32", extra: dict | None =
         else:
             gguf_name = f"{GGUF_NAMES[base]}.{suffix}"
         data = tensor.float().numpy()
-        if ".self_attn.q_proj." in name:
+        if arch != "llama":
+            pass
+        elif ".self_attn.q_proj." in name:
             data = _llama_cpp_permute(data, heads)
         elif ".self_attn.k_proj." in name:
             data = _llama_cpp_permute(data, kv_heads)
