@@ -145,7 +145,6 @@ class RouterConfig(_Strict):
     request_timeout_s: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(4 << 20, ge=1024)
     api_keys: list[str] = []
-    kv_tier_url: str | None = None
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> RouterConfig:

@@ -170,7 +170,7 @@ class LocalDeployment:
                 raise ServeError(str(exc)) from None
         kv_url = self._start_kv_tier()
         workers = self._start_workers(kv_url, timeout)
-        self._start_router(workers, kv_url, timeout)
+        self._start_router(workers, timeout)
         if self.gateway is not None:
             self._start_gateway(timeout)
         return self.url
@@ -229,7 +229,7 @@ class LocalDeployment:
                 self.http_addresses.append(info["http_address"])
         return endpoints
 
-    def _start_router(self, workers: list[WorkerEndpoint], kv_url: str, timeout: float) -> None:
+    def _start_router(self, workers: list[WorkerEndpoint], timeout: float) -> None:
         route = ModelRoute(
             name=self.served_name,
             tokenizer=str(self.model.path),
@@ -242,7 +242,6 @@ class LocalDeployment:
             port=self.config.port,
             models=[route],
             routing=self.routing,
-            kv_tier_url=kv_url,
         )
         child = self._spawn("router", "tusk.router", cfg.model_dump_json())
         info = child.wait_ready(timeout)

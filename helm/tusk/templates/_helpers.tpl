@@ -82,7 +82,8 @@ the API server's default of 1), or minReplicas on first install and with `helm t
 {{- toJson (uniq $ns) }}
 {{- end }}
 
-{{/* The KV tier URL the router uses for its shared index: the managed tier, the external one, or none. */}}
+{{/* The chart's KV tier URL (shown in NOTES for ModelDeployments to share): the managed tier, the external one, or none.
+The router does not read the tier: tier contents reach its prefix index through the workers' KV events. */}}
 {{- define "tusk.kvtier.url" -}}
 {{- if .Values.kvTier.managed -}}
 {{- printf "redis://%s.%s.svc:%d/0" (include "tusk.kvtier.fullname" .) .Release.Namespace (int .Values.kvTier.port) }}
@@ -94,8 +95,6 @@ the API server's default of 1), or minReplicas on first install and with `helm t
 {{/* The router's RouterConfig (tusk/config.py) as a dict; values.router.config is merged over it. */}}
 {{- define "tusk.router.config" -}}
 {{- $base := dict "host" "0.0.0.0" "port" (int .Values.router.port) -}}
-{{- $url := include "tusk.kvtier.url" . -}}
-{{- if $url }}{{ $_ := set $base "kv_tier_url" $url }}{{ end -}}
 {{- toJson (mergeOverwrite (deepCopy .Values.router.config) $base) }}
 {{- end }}
 
