@@ -90,7 +90,7 @@ def test_namespaced_operator_splits_the_generated_rules_without_widening_them(re
 
 
 @pytest.mark.parametrize("scenario", [SCENARIOS[0], SCENARIOS[3]], ids=["all-namespaces", "namespaced"])
-def test_router_can_only_list_and_watch_pods_and_modeldeployments(render, scenario):
+def test_router_can_only_list_and_watch_pods_and_modeldeployments_and_get_owners(render, scenario):
     objects = render(scenario)
     roles = [
         r
@@ -102,6 +102,13 @@ def test_router_can_only_list_and_watch_pods_and_modeldeployments(render, scenar
         grants = _grants(role["rules"])
         assert grants[("", "pods")] == {"list", "watch"}
         assert grants[("tusk.dev", "modeldeployments")] == {"list", "watch"}
+        assert grants[("apps", "replicasets")] == grants[("apps", "deployments")] == {"get"}  # owner chain
+        assert set(grants) == {
+            ("", "pods"),
+            ("tusk.dev", "modeldeployments"),
+            ("apps", "replicasets"),
+            ("apps", "deployments"),
+        }
         assert all(verbs <= {"get", "list", "watch"} for verbs in grants.values()), "the router only reads"
         assert ("", "secrets") not in grants
 
