@@ -187,11 +187,12 @@ class Reflector:
         while not self._stop.is_set():
             try:
                 if version is None:
-                    items, version = self.source.list()
+                    items, listed = self.source.list()
                     self.lists += 1
                     if self._stop.is_set():
                         return
-                    self.deliver(SYNC, items)
+                    self.deliver(SYNC, items)  # raises: the list is retried, not skipped
+                    version = listed
                 started, events = time.monotonic(), 0
                 for event in self.source.watch(version, self.watch_timeout_s):
                     events += 1
@@ -204,7 +205,7 @@ class Reflector:
                             raise Gone(str(code))
                         raise RuntimeError(f"watch error {code}: {(obj or {}).get('message')}")
                     if kind in ("ADDED", "MODIFIED", "DELETED"):
-                        self.deliver(kind, obj)
+                        self.deliver(kind, obj)  # raises: the watch resumes before this event
                     version = resource_version(obj) or version  # BOOKMARKs only move this on
                 backoff = self.min_backoff_s
                 if not events and time.monotonic() - started < 1.0:

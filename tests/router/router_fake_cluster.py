@@ -26,6 +26,7 @@ class FakeCluster:
         self.history: dict[str, list[tuple[int, str, dict[str, Any]]]] = {"pods": [], "models": []}
         self.compacted = 0  # watches from a version below this get 410 Gone
         self.down = False
+        self.failing_gets = 0  # the next GETs that fail (an API server hiccup)
         self.lists = {"pods": 0, "models": 0}
         self._epoch = 0  # bumped to cut every open watch
         self.cond = threading.Condition()
@@ -111,7 +112,8 @@ class FakeCluster:
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self.cond:
-            if self.down:
+            if self.down or self.failing_gets > 0:
+                self.failing_gets -= 1
                 raise ConnectionError("API server unreachable")
             obj = self.objects[kind].get(f"{namespace}/{name}")
             return copy.deepcopy(obj) if obj is not None else None

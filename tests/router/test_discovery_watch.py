@@ -174,6 +174,26 @@ def test_410_gone_lists_again_and_drops_what_disappeared(setup) -> None:
     assert s.cluster.lists["pods"] == 2
 
 
+def test_an_owner_lookup_that_fails_is_retried_not_skipped(setup) -> None:
+    """The owner GETs happen before an event is applied; when they fail, the list is taken
+    again or the watch resumes before that event, so the pod is not lost."""
+    s = setup()
+    md = s.cluster.model_deployment("ml", "llama")
+    rs = s.cluster.replica_set_of(md)
+    _, a1 = s.worker()
+    _, a2 = s.worker()
+    s.cluster.failing_gets = 1  # while a watch event is resolved
+    s.cluster.put("pods", pod("ml", "p1", a1, rs))
+    s.settle({("ml/llama", a1)}, "watched pod")
+    s.cluster.outage(True)
+    s.cluster.put("pods", pod("ml", "p2", a2, s.cluster.replica_set_of(md, role="prefill")))
+    s.cluster.compact()
+    s.cluster.failing_gets = 1  # while the relist is resolved
+    s.cluster.outage(False)
+    s.settle({("ml/llama", a1), ("ml/llama", a2)}, "relisted pod")
+    assert s.cluster.lists["pods"] == 3  # the first, the one that failed, the one that worked
+
+
 def test_a_label_change_and_a_readiness_flap_never_lose_the_worker(setup) -> None:
     """The events arrive back to back; each is applied in order, so the worker that is back
     Ready at the end is a target at the end (and stays one)."""
