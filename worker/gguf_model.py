@@ -272,8 +272,13 @@ def prepared_folder(gguf_path: str | Path, cache_dir: Path | None = None) -> Pat
     files = {"config.json": json.dumps(config, indent=2), **tokenizer_files(reader, config)}
     for tensor in reader.tensors:  # fail now, not after the router already started
         check_tensor_type(tensor)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
+    except OSError as exc:
+        raise GGUFError(
+            f"cannot prepare {path.name} in {target.parent} ({exc.strerror}); set TUSK_CACHE_DIR to a writable folder"
+        ) from None
     try:
         for name, text in files.items():
             (staging / name).write_text(text, encoding="utf-8")

@@ -131,8 +131,14 @@ def _load_error(path: Path) -> str:
     return message
 
 
-def test_bad_gguf_files_are_one_line_errors(llama_folder: Path, tmp_path: Path) -> None:
+def test_bad_gguf_files_are_one_line_errors(
+    llama_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     good = save_gguf(tmp_path / "good.gguf", llama_folder, "Q8_0")
+    (tmp_path / "a-file").write_text("")
+    with monkeypatch.context() as m:
+        m.setenv("TUSK_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+        assert "set TUSK_CACHE_DIR to a writable folder" in _load_error(good)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size - 5000])
     assert "truncated" in _load_error(truncated)
