@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # The tusk operator (kopf): `tusk operator ...`. Build from the repository root:
 #   docker build -f deploy/docker/operator.Dockerfile -t ghcr.io/tusk-dev/tusk-operator:0.1.0 .
 # Base images carry a version tag; pin them by digest (...@sha256:...) when cutting a release.

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # The OpenAI-compatible router: `tusk router --config ...`. No torch: the router only tokenizes,
 # with the tokenizer each worker serves over GetModelInfo. Build from the repository root:
 #   docker build -f deploy/docker/router.Dockerfile -t ghcr.io/tusk-dev/tusk-router:0.1.0 .

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # An inference worker: `tusk worker --config ...` (the operator sets the command). One file for every
 # accelerator; the build argument picks torch's build and the runtime libraries:
 #   ACCELERATOR=cpu   -> ghcr.io/tusk-dev/tusk-worker-cpu   torch 2.13.0+cpu   (also serves the tiny model)
