@@ -248,7 +248,12 @@ def client_sources(api_client: Any, namespace: str | None, selector: str = WORKE
 
         from kubernetes.client.exceptions import ApiException
 
-        resp = readers[kind](name, ns, _preload_content=False, _request_timeout=10)
+        try:
+            resp = readers[kind](name, ns, _preload_content=False, _request_timeout=10)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
         if resp.status == 404:
             return None
         if not 200 <= resp.status < 300:
