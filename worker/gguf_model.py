@@ -71,6 +71,7 @@ _PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], _QWEN2_SPLIT),
 }
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+ROPE_FREQS = "rope_freqs.weight"  # read into the config's rope scaling, not a weight
 
 
 class GGUFError(ValueError):
@@ -138,7 +139,13 @@ def hf_config(reader) -> dict[str, Any]:
         "torch_dtype": "float16",  # the dtype of GGUF scales: auto picks it on accelerators, fp32 on CPU
     }
     scaling_type = key("rope.scaling.type")
-    if scaling_type in ("linear", "yarn"):
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if freqs is not None:  # Llama 3.x: llama.cpp stores the llama3 rope scaling as per-frequency factors
+        from gguf.quants import dequantize
+
+        factors = dequantize(freqs.data, freqs.tensor_type).reshape(-1).tolist()
+        config["rope_scaling"] = {"rope_type": "freq_factors", "factors": factors}
+    elif scaling_type in ("linear", "yarn"):
         config["rope_scaling"] = {
             "rope_type": scaling_type,
             "factor": float(key("rope.scaling.factor", 1.0)),
@@ -339,6 +346,8 @@ def load_gguf_weights(path: Path, config: dict[str, Any], dtype: torch.dtype, de
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     tensors: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS:
+            continue
         check_tensor_type(tensor)
         values = dequantize(tensor.data, tensor.tensor_type)
         if permute and ".attn_q." in tensor.name:

@@ -72,6 +72,47 @@ def test_qwen_gguf_matches_transformers(arch: str, tmp_path: Path) -> None:
     assert out == [hf_gguf_greedy(path, PROMPT, 10)]
 
 
+def llama_cpp_rope_factors(scaling: dict, base: float, dim: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf (LlamaModel.generate_extra_tensors) for llama3 rope scaling."""
+    import math
+
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    factors = []
+    for freq in 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def test_llama3_gguf_rope_freqs_match_the_hf_checkpoint(tmp_path: Path) -> None:
+    """Llama 3.x GGUFs carry llama3 rope scaling as a rope_freqs tensor (transformers ignores it);
+    served from the GGUF the model answers as the original checkpoint does."""
+    from worker_models import hf_greedy
+
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500000.0,
+    }
+    source = save_model(tmp_path / "l3", "llama", seed=13, vocab_size=VOCAB, rope_parameters=scaling)
+    factors = llama_cpp_rope_factors(scaling, 500000.0, 16)
+    path = save_gguf(tmp_path / "l3.gguf", source, extra={"rope_freqs.weight": (factors, None)})
+    eng = LLMEngine(str(path), EngineConfig(num_kv_blocks=32, block_size=8))
+    assert eng.spec.rope_scaling["rope_type"] == "freq_factors"
+    out = eng.generate([PROMPT], SamplingParams(max_tokens=10, ignore_eos=True))
+    assert out == [hf_greedy(source, PROMPT, 10)]
+
+
 def test_prepared_folder_is_what_the_router_reads(llama_folder: Path, tmp_path: Path) -> None:
     path = save_gguf(tmp_path / "chat.gguf", llama_folder)
     resolved = resolve_model(str(path))

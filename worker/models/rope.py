@@ -5,6 +5,9 @@ The table holds cos in the first half of each row and sin in the second, already
 type's attention factor (yarn and longrope scale cos/sin, as transformers does), so the attention
 code is the same for every type.
 
+``freq_factors`` is not a transformers type: it carries the ``rope_freqs`` tensor of a GGUF file
+(how llama.cpp stores Llama 3's rope scaling), dividing each default frequency by its factor.
+
 Two types change their frequencies with the sequence length in transformers: ``dynamic`` (NTK,
 recomputed when the sequence grows past ``max_position_embeddings``) and ``longrope`` (short
 factors up to ``original_max_position_embeddings``, long ones past it). A paged cache needs one
@@ -20,13 +23,14 @@ from typing import Any
 
 import torch
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope", "freq_factors")
 _REQUIRED = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor",),
     "dynamic": ("factor",),
     "longrope": ("long_factor", "short_factor"),
+    "freq_factors": ("factors",),
 }
 
 
@@ -47,8 +51,8 @@ def check_rope(params: dict[str, Any] | None, head_dim: int) -> None:
     missing = [key for key in _REQUIRED.get(kind, ()) if (params or {}).get(key) is None]
     if missing:
         raise RopeError(f"rope type {kind!r} needs {', '.join(missing)} in rope_parameters / rope_scaling")
-    if kind == "longrope":
-        for key in ("long_factor", "short_factor"):
+    if kind in ("longrope", "freq_factors"):
+        for key in _REQUIRED[kind]:
             if len(params[key]) != head_dim // 2:  # type: ignore[index]
                 raise RopeError(f"longrope {key} has {len(params[key])} values, expected {head_dim // 2}")  # type: ignore[index]
     partial = float((params or {}).get("partial_rotary_factor", 1.0))
@@ -112,6 +116,9 @@ def _inv_freq_per_position(
     assert params is not None
     if kind == "yarn":
         return _yarn(params, base, dim, max_position_embeddings)
+    if kind == "freq_factors":  # llama.cpp's rope_freqs tensor: theta_i / factor_i
+        default = rope_inv_freq(dim, base, None)
+        return default / torch.tensor(params["factors"], dtype=torch.float32), 1.0
     if kind == "dynamic":
         factor = float(params["factor"])
         seq_len = torch.clamp(positions + 1, min=max_position_embeddings).double()
