@@ -11,7 +11,11 @@ from __future__ import annotations
 from tusk.kernels import catalog as _catalog  # noqa: F401  (registers every op)
 from tusk.kernels import reference
 from tusk.kernels.api import (
+    DEBUG_ENV_VAR,
+    BoundOps,
     apply_rotary,
+    bind,
+    debug_enabled,
     fused_add_rms_norm,
     gather_kv_blocks,
     paged_decode_attention,
@@ -40,12 +44,16 @@ from tusk.kernels.validate import KernelInputError
 
 __all__ = [
     "BACKENDS",
+    "DEBUG_ENV_VAR",
+    "BoundOps",
     "ENV_VAR",
     "DeviceInfo",
     "KernelInputError",
     "SamplingBatch",
     "UnsupportedBackendError",
     "apply_rotary",
+    "bind",
+    "debug_enabled",
     "describe",
     "detect_device",
     "device_kind",

@@ -7,6 +7,9 @@ accepts the call. A forced backend (force_backend() or TUSK_KERNEL_BACKEND) that
 implementation of the op but cannot run this call is an error naming op, backend and reason;
 an op the forced backend does not implement at all falls back to the automatic choice (logged),
 so forcing "triton" does not break ops that only exist in torch.
+
+``dispatch`` chooses per call (the module's checked ops); ``bind_op`` makes the same choice once
+for a model's ``BoundOps`` (kernels/api.py), which then call the implementation directly.
 """
 
 from __future__ import annotations
@@ -198,6 +201,16 @@ def _note_choice(op: str, kind: str, dtype: torch.dtype, backend: str) -> None:
     BACKEND_SELECTED.labels(op=op, device=kind, dtype=dtype_name, backend=backend).set(1)
 
 
+def _counter(op_name: str, kind: str, backend: str):
+    counter_key = (op_name, kind, backend)
+    counter = _call_counters.get(counter_key)
+    if counter is None:
+        counter = _call_counters.setdefault(
+            counter_key, KERNEL_CALLS.labels(op=op_name, device=kind, backend=backend)
+        )
+    return counter
+
+
 def dispatch(op_name: str, *args):
     """Run op_name on the backend chosen for these arguments."""
     op = _OPS[op_name]
@@ -205,14 +218,47 @@ def dispatch(op_name: str, *args):
     kind = device_kind(key.device)
     impl = _choose(op, kind, key.dtype, args)
     _note_choice(op_name, kind, key.dtype, impl.backend)
-    counter_key = (op_name, kind, impl.backend)
-    counter = _call_counters.get(counter_key)
-    if counter is None:
-        counter = _call_counters.setdefault(
-            counter_key, KERNEL_CALLS.labels(op=op_name, device=kind, backend=impl.backend)
-        )
-    counter.inc()
+    _counter(op_name, kind, impl.backend).inc()
     return impl.fn(*args)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One op bound to one backend for a (device kind, dtype): chosen once, then called directly."""
+
+    op: Op
+    impl: Impl
+    kind: str
+    dtype: torch.dtype
+
+    def check(self, args: tuple) -> None:
+        """Debug mode: the call still fits what was bound (device kind, dtype, the backend's checks)."""
+        key = args[self.op.key_arg]
+        kind = device_kind(key.device)
+        if (kind, key.dtype) != (self.kind, self.dtype):
+            raise UnsupportedBackendError(
+                self.op.name,
+                self.impl.backend,
+                f"bound for {self.kind}/{self.dtype} but called with {kind}/{key.dtype}",
+            )
+        reason = self.impl.unsupported_reason(kind, key.dtype, args)
+        if reason is not None:
+            raise UnsupportedBackendError(self.op.name, self.impl.backend, reason)
+
+    def counted(self, *args):
+        """The implementation, counted in tusk_kernel_calls_total (debug mode)."""
+        _counter(self.op.name, self.kind, self.impl.backend).inc()
+        return self.impl.fn(*args)
+
+
+def bind_op(op_name: str, args: tuple) -> Binding:
+    """Choose op_name's backend for these (first) arguments, as dispatch would, once."""
+    op = _OPS[op_name]
+    key = args[op.key_arg]
+    kind = device_kind(key.device)
+    impl = _choose(op, kind, key.dtype, args)
+    _note_choice(op_name, kind, key.dtype, impl.backend)
+    return Binding(op, impl, kind, key.dtype)
 
 
 def select_backend(

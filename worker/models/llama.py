@@ -135,6 +135,8 @@ class LlamaModel:
                 )
             )
         self.has_windows = any(layer.window for layer in self.layers)
+        # Kernel ops bound to their backends once for this model; checked only in debug mode.
+        self.ops = K.bind()
 
     def _norm(self, weight: torch.Tensor) -> torch.Tensor:
         """Gemma's norms multiply by (1 + w), computed in fp32 as transformers does."""
@@ -202,22 +204,22 @@ class LlamaModel:
         for layer, (k_cache, v_cache) in zip(self.layers, caches, strict=True):
             if residual is None:
                 residual = hidden
-                x = K.rms_norm(hidden, layer.input_norm, eps)
+                x = self.ops.rms_norm(hidden, layer.input_norm, eps)
             else:
-                x, residual = K.fused_add_rms_norm(hidden, residual, layer.input_norm, eps)
+                x, residual = self.ops.fused_add_rms_norm(hidden, residual, layer.input_norm, eps)
             attn = self._self_attention(layer, x, positions, meta, k_cache, v_cache, longest)
             if spec.gemma:  # norm the attention output, add it, norm again before the MLP
-                attn = K.rms_norm(attn, layer.post_norm, eps)
-                x, residual = K.fused_add_rms_norm(attn, residual, layer.pre_ff_norm, eps)
-                hidden = K.rms_norm(self._mlp(layer, x), layer.post_ff_norm, eps)
+                attn = self.ops.rms_norm(attn, layer.post_norm, eps)
+                x, residual = self.ops.fused_add_rms_norm(attn, residual, layer.pre_ff_norm, eps)
+                hidden = self.ops.rms_norm(self._mlp(layer, x), layer.post_ff_norm, eps)
             else:
-                x, residual = K.fused_add_rms_norm(attn, residual, layer.post_norm, eps)
+                x, residual = self.ops.fused_add_rms_norm(attn, residual, layer.post_norm, eps)
                 hidden = self._mlp(layer, x)
         assert residual is not None
         if logits_indices.shape[0] != input_ids.shape[0]:  # only the rows that sample need the head
             hidden = hidden.index_select(0, logits_indices)
             residual = residual.index_select(0, logits_indices)
-        x, _ = K.fused_add_rms_norm(hidden, residual, self.norm, eps)
+        x, _ = self.ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
         logits = F.linear(x, self.lm_head).float()
         if spec.final_logit_softcapping:
             cap = float(spec.final_logit_softcapping)
@@ -242,10 +244,10 @@ class LlamaModel:
         k = k.reshape(t, spec.num_kv_heads, spec.head_dim)
         v = v.reshape(t, spec.num_kv_heads, spec.head_dim)
         if layer.q_norm is not None:
-            q = K.rms_norm(q, layer.q_norm, spec.rms_norm_eps)
-            k = K.rms_norm(k, layer.k_norm, spec.rms_norm_eps)
-        q, k = K.apply_rotary(q, k, positions, self.cos_sin[layer.rope], True)
-        K.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+            q = self.ops.rms_norm(q, layer.q_norm, spec.rms_norm_eps)
+            k = self.ops.rms_norm(k, layer.k_norm, spec.rms_norm_eps)
+        q, k = self.ops.apply_rotary(q, k, positions, self.cos_sin[layer.rope], True)
+        self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if layer.window is not None and longest > layer.window:
             attn = windowed_attention(q, k_cache, v_cache, meta, self.scale, layer.window)
         else:  # within the window, full causal attention is the same thing
@@ -255,7 +257,7 @@ class LlamaModel:
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
         if self.spec.hidden_act == "silu":
-            act = K.silu_and_mul(gate_up)
+            act = self.ops.silu_and_mul(gate_up)
         else:  # gelu_pytorch_tanh (Gemma)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.gelu(gate, approximate="tanh") * up
@@ -283,13 +285,13 @@ class LlamaModel:
         parts = []
         if nd:
             parts.append(
-                K.paged_decode_attention(
+                self.ops.paged_decode_attention(
                     q[:nd], k_cache, v_cache, meta.decode_context_lens, meta.decode_block_tables, self.scale
                 )
             )
         if nd < q.shape[0]:
             parts.append(
-                K.paged_prefill_attention(
+                self.ops.paged_prefill_attention(
                     q[nd:],
                     k_cache,
                     v_cache,
