@@ -70,7 +70,9 @@ def test_debug_mode_refuses_a_call_that_does_not_fit_the_binding_and_counts_call
     bound.rms_norm(x, w, eps)
     bound.rms_norm(x, w, eps)
     assert REGISTRY.get_sample_value("tusk_kernel_calls_total", labels) == before + 2
-    with pytest.raises(K.UnsupportedBackendError, match="bound for cpu/torch.float32 but called with cpu/torch.float64"):
+    with pytest.raises(
+        K.UnsupportedBackendError, match="bound for cpu/torch.float32 but called with cpu/torch.float64"
+    ):
         bound.rms_norm(x.double(), w.double(), eps)
 
 
