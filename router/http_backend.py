@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +32,7 @@ from tusk.router.dispatch import MAX_ATTEMPTS
 from tusk.router.errors import bad_request, no_worker, worker_failed
 from tusk.router.policies.base import NoWorkerAvailable, RoutingRequest, WorkerState
 from tusk.router.prefix_index import PrefixIndex
+from tusk.router.token_cache import BlockHashCache, segment_encoder
 from tusk.router.tokenizer import ModelTokenizer
 
 from tusk.config import Role, WorkerEndpoint
@@ -40,6 +43,9 @@ if TYPE_CHECKING:
     from tusk.router.registry import ModelRuntime
 
 log = logging.getLogger("tusk.router.http_backend")
+# httpx logs every request at INFO; the router logs its own (one line per request).
+if logging.getLogger("httpx").level == logging.NOTSET:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 # Each load field and the metric names that carry it, first match wins (vLLM, then SGLang).
 WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
@@ -227,14 +233,21 @@ async def prompt_token_ids(tokenizer: ModelTokenizer, body: dict[str, Any]) -> l
         if not isinstance(prompt, str):
             return []
         text, special = prompt, True
+    if not special:  # a rendered chat: its history's pieces are cached across turns
+        return await segment_encoder(tokenizer, tokenizer.tokenizer).encode_async(text, INLINE_ENCODE_CHARS)
     if len(text) < INLINE_ENCODE_CHARS:
         return tokenizer.encode(text, add_special_tokens=special)
     return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=special)
 
 
+_HASHES = BlockHashCache()
+
+
 async def prompt_block_hashes(ids: list[int], block_size: int) -> list[int]:
+    """Block hashes of a prompt, memoized per block (shared history hashes once); a long prompt
+    is hashed on a thread so it does not stall every other request."""
     if len(ids) < INLINE_HASH_TOKENS:
-        return block_hashes(ids, block_size)
+        return _HASHES.hashes(ids, block_size)
     return await asyncio.to_thread(block_hashes, ids, block_size)
 
 
@@ -245,9 +258,14 @@ class HttpRoutes:
         self.runtime = runtime
         self.pool = HttpBackendPool(runtime.index, interval_s=runtime.poll_interval_s)
         self.subscribers: list[Any] = []
+        # TCP_NODELAY: a request written as headers then body must not wait for a delayed ACK.
+        nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(None, connect=5.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024),
+            transport=httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024),
+                socket_options=nodelay,
+            ),
         )
         self._started = False
 
@@ -322,6 +340,7 @@ class HttpRoutes:
         """Route and forward one generation; the upstream's status, headers and bytes (SSE
         included) pass through untouched. Connection failures before the upstream answered move
         the request to another server; ``release`` runs once the response is over."""
+        started = time.perf_counter()
         ids = await prompt_token_ids(self.runtime.tokenizer, body)
         hashes = await prompt_block_hashes(ids, self.runtime.block_size) if ids else []
         excluded: set[str] = set()
@@ -355,6 +374,17 @@ class HttpRoutes:
             state.inflight -= 1
             await upstream.aclose()
             release()
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "request done",
+                    extra={
+                        "model": self.runtime.name,
+                        "status": upstream.status_code,
+                        "prompt_tokens": len(ids),
+                        "e2e_s": round(time.perf_counter() - started, 6),
+                        "decode_worker": backend.address,
+                    },
+                )
 
         if not body.get("stream"):
             try:
