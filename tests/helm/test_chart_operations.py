@@ -48,19 +48,6 @@ def test_a_second_release_in_another_namespace_shares_no_cluster_scoped_name(too
             assert binding["metadata"]["name"].startswith(f"{namespace}-")
 
 
-def test_operator_peering_name_is_the_objects_name(render):
-    from tusk.operator.main import build_parser
-
-    objects = render(SCENARIOS[0])
-    container = one(objects, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]
-    peering = [a for a in container["args"] if a.startswith("--peering-name=")]
-    if peering:  # the operator may run on a Lease alone; then there is no peering to name
-        (name,) = (p.split("=", 1)[1] for p in peering)
-        assert one(objects, "ClusterKopfPeering", name)
-        assert name == f"{NAMESPACE}-{RELEASE}-operator"
-    build_parser().parse_args(container["args"][1:])
-
-
 def _operator(objects) -> dict[str, Any]:
     return one(objects, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]
 

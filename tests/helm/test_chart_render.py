@@ -258,18 +258,16 @@ def test_operator_mode_flags_are_accepted_by_the_operator(render):
     assert not namespaced.all_namespaces and namespaced.namespace == ["team-a", "team-b"]
 
 
-def test_operator_knows_the_worker_image_router_url_and_peering(render):
+def test_operator_knows_the_worker_image_router_url_and_elects_a_leader(render):
     _, args = _operator_args(render, SCENARIOS[0])
     # A template: the operator fills in the flavor (cpu, cuda, rocm, xpu) from each accelerator.
     assert args.worker_image == "ghcr.io/tusk-dev/tusk-worker-{flavor}:0.1.0"
     assert args.router_url == f"http://{RELEASE}-router.{NAMESPACE}.svc:80/v1"
-    assert args.image_pull_policy == "IfNotPresent" and not args.standalone
-    objects = render(SCENARIOS[0])
-    assert one(objects, "ClusterKopfPeering", args.peering_name)
-    namespaced = render(SCENARIOS[3])
-    peerings = [p for p in by_kind(namespaced, "KopfPeering") if p["metadata"]["name"] == args.peering_name]
-    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
-    assert not by_kind(namespaced, "ClusterKopfPeering")
+    assert args.image_pull_policy == "IfNotPresent" and args.leader_elect and not args.standalone
+    # Leader election replaces kopf peering: no peering name, no peering objects.
+    assert args.peering_name is None
+    for scenario in (SCENARIOS[0], SCENARIOS[3]):
+        assert not [o for o in render(scenario) if o["apiVersion"].startswith("kopf.dev/")]
 
 
 def test_operator_probes_use_the_health_endpoint(render):
