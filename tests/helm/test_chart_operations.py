@@ -69,7 +69,10 @@ def _lease_role(objects) -> list[dict[str, Any]]:
 )
 def test_operator_leader_election_flag_and_lease_rbac(render, settings, elects):
     objects = render(SCENARIOS[0], *settings)
-    assert ("--leader-elect" in _operator(objects)["args"]) is elects
+    args = _operator(objects)["args"]
+    assert ("--leader-elect" in args) is elects
+    # Two releases in one namespace never share a Lease.
+    assert (f"--leader-election-name={RELEASE}-operator" in args) is elects
     roles = _lease_role(objects)
     if not elects:
         assert not roles
