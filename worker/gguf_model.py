@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 GGUF_LINK = "model.gguf"  # inside a prepared folder: a link to the GGUF file itself
-PREPARED_VERSION = "1"  # bump when the prepared files change, so old caches are rebuilt
+PREPARED_VERSION = "2"  # bump when the prepared files change, so old caches are rebuilt
 
 # general.architecture -> the Hugging Face class that has the same layout.
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -162,20 +162,13 @@ def hf_config(reader) -> dict[str, Any]:
     return config
 
 
-def tokenizer_files(reader, config: dict[str, Any]) -> dict[str, str]:
-    """``tokenizer.json``, ``tokenizer_config.json`` (with the chat template) and ``generation_config.json``."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+def _byte_level_bpe(reader, tokens: list[str]):
+    """transformers' ``byte_level_tokenizer`` (a ``GPT2Tokenizer``) plus llama.cpp's split regex;
+    returns the tokenizer and its vocabulary spelled in the byte alphabet."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     from tusk.tiny_model import byte_to_unicode
 
-    kind = _field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise GGUFError(
-            f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2') is "
-            "(convert the model to a Hugging Face folder with its tokenizer.json instead)"
-        )
-    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens") or [])
-    types: list[int] = list(_field(reader, "tokenizer.ggml.token_type") or [])
     merges = [tuple(m.split(" ")) for m in _field(reader, "tokenizer.ggml.merges") or []]
     spelling = byte_to_unicode()
     alphabet = set(spelling.values())
@@ -204,15 +197,90 @@ def tokenizer_files(reader, config: dict[str, Any]) -> dict[str, str]:
             ]
         )
     tokenizer.decoder = decoders.ByteLevel()
-    # Control tokens stay whole and are special; one spelled outside the byte alphabet is a llama.cpp
-    # mislabel and is skipped, as transformers does. User-defined ones stay whole but are not special.
+    return tokenizer, vocab, alphabet
+
+
+def sentencepiece_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: transformers' ``generate_merges`` (every
+    split of a piece into two pieces of the vocabulary, best piece score first)."""
+    merges = []
+    for piece, score in scores.items():
+        local = [
+            (piece[:i], piece[i:], score)
+            for i in range(1, len(piece))
+            if piece[:i] in vocab and piece[i:] in vocab
+        ]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _sentencepiece_bpe(reader, tokens: list[str]):
+    """transformers' ``sentencepiece_tokenizer`` (a ``LlamaTokenizer``): BPE with byte fallback,
+    merges recovered from the piece scores, ``▁`` for spaces prepended to the first word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    raw_merges = _field(reader, "tokenizer.ggml.merges")
+    if raw_merges:
+        merges = [tuple(m.split(" ")) for m in raw_merges]
+    else:
+        scores = _field(reader, "tokenizer.ggml.scores")
+        if not scores:
+            raise GGUFError("GGUF SentencePiece vocabulary has neither merges nor scores")
+        merges = sentencepiece_merges(vocab, dict(zip(tokens, scores, strict=False)))
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None)
+    )
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first", split=False
+    )
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(content=" ", left=1),
+        ]
+    )
+    return tokenizer, vocab, None
+
+
+def tokenizer_files(reader, config: dict[str, Any]) -> dict[str, str]:
+    """``tokenizer.json``, ``tokenizer_config.json`` (with the chat template) and ``generation_config.json``."""
+    from tokenizers import AddedToken, processors
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens") or [])
+    types: list[int] = list(_field(reader, "tokenizer.ggml.token_type") or [])
+    if kind == "gpt2":
+        tokenizer, vocab, alphabet = _byte_level_bpe(reader, tokens)
+    elif kind == "llama":
+        tokenizer, vocab, alphabet = _sentencepiece_bpe(reader, tokens)
+    else:
+        raise GGUFError(
+            f"GGUF tokenizer model {kind!r} is not supported (supported: byte-level BPE 'gpt2', "
+            "SentencePiece BPE 'llama'); serve the model's Hugging Face folder instead"
+        )
+
+    def token(name: str) -> str | None:
+        token_id = _field(reader, f"tokenizer.ggml.{name}_token_id")
+        return tokens[int(token_id)] if token_id is not None and 0 <= int(token_id) < len(tokens) else None
+
+    # The named special tokens and the control tokens stay whole and are special; in a byte-level
+    # vocabulary a control token spelled outside the byte alphabet is a llama.cpp mislabel and is
+    # skipped, as transformers does. User-defined tokens stay whole but are not special.
+    named = [t for t in (token("unknown"), token("bos"), token("eos"), token("padding")) if t is not None]
     control = [
-        AddedToken(tok, normalized=False, special=True)
+        tok
         for tok, kind_id in zip(tokens, types, strict=False)
-        if kind_id == _CONTROL and set(tok) <= alphabet
+        if kind_id == _CONTROL and (alphabet is None or set(tok) <= alphabet)
     ]
-    if control:
-        tokenizer.add_special_tokens(control)
+    specials = list(dict.fromkeys(named + control))
+    if specials:
+        tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
     user = [
         AddedToken(tok, normalized=False, special=False)
         for tok, kind_id in zip(tokens, types, strict=False)
@@ -221,19 +289,16 @@ def tokenizer_files(reader, config: dict[str, Any]) -> dict[str, str]:
     if user:
         tokenizer.add_tokens(user)
 
-    def token(name: str) -> str | None:
-        token_id = _field(reader, f"tokenizer.ggml.{name}_token_id")
-        return tokens[int(token_id)] if token_id is not None and 0 <= int(token_id) < len(tokens) else None
-
     bos, eos = token("bos"), token("eos")
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
+    # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")) and bos is not None
     add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
     single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
     pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-    specials = [(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on and t is not None]
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=specials
-    )
+    ends = [
+        (t, tokenizer.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on and t is not None
+    ]
+    tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=ends)
 
     tokenizer_config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -200,3 +200,51 @@ def test_bad_gguf_files_are_one_line_errors(
     writer.write_tensors_to_file()
     writer.close()
     assert "GGUF architecture 'falcon' is not supported" in _load_error(source)
+
+
+def write_sentencepiece_gguf(path: Path) -> Path:
+    """A GGUF whose vocabulary is SentencePiece BPE (``tokenizer.ggml.model == "llama"``), as
+    Llama 2 / Mistral files have: byte-fallback tokens, scored pieces and no merges."""
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)]]
+    types = [2, 3, 3, *[6] * 256]
+    pieces = ["▁", "e", "t", "h", "a", "c", "▁t", "he", "▁the", "in", "▁a", "at", "▁c", "▁ca"]
+    pieces += ["▁cat", "é", "日", "本", "日本", "▁▁", "▁▁▁", "re", "▁re", "▁the▁", "s", "▁s"]
+    scores = [0.0] * len(tokens) + [-float(i) for i in range(len(pieces))]
+    tokens += [*pieces, "<|user|>"]
+    types += [1] * len(pieces) + [4]
+    scores.append(0.0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores(scores)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
+    import transformers
+    from tusk.router.tokenizer import ModelTokenizer
+
+    path = write_sentencepiece_gguf(tmp_path / "sp.gguf")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    ours = ModelTokenizer.from_dir(prepared_folder(path))
+    texts = ["the cat", " the  cat\n", "héllo 日本 café", "<|user|>the<s>re", "   three  spaces", "séance ✓"]
+    for text in texts:
+        expected = hf(text).input_ids
+        assert ours.encode(text, add_special_tokens=True) == expected, text
+        assert ours.encode(text, add_special_tokens=False) == hf(text, add_special_tokens=False).input_ids
+        assert ours.decode(expected) == hf.decode(expected, skip_special_tokens=True), text
+    assert expected[0] == 1  # llama.cpp's default for SentencePiece files: BOS added
