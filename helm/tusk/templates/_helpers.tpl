@@ -47,7 +47,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "tusk.router.fullname" -}}{{ include "tusk.fullname" . }}-router{{- end }}
 {{- define "tusk.kvtier.fullname" -}}{{ include "tusk.fullname" . }}-kv{{- end }}
 
-{{/* Name of a cluster-scoped object (ClusterRole, ClusterRoleBinding, ClusterKopfPeering): it carries
+{{/* Name of a cluster-scoped object (ClusterRole, ClusterRoleBinding): it carries
 the release namespace, so two releases of the same name in different namespaces never share one.
 Call with (dict "ctx" $ "component" "operator"). */}}
 {{- define "tusk.clusterScopedName" -}}
