@@ -64,6 +64,11 @@ class ModelSpec:
     gemma: bool = False  # (1 + w) norms, scaled embeddings, norms around attention and MLP outputs
     attention_scale: float | None = None  # None: head_dim ** -0.5
     final_logit_softcapping: float | None = None
+    num_experts: int = 0  # mixture of experts (Mixtral, Qwen3-MoE): experts per MoE layer
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    moe_renormalize: bool = True  # top-k routing weights renormalised to sum to 1
+    moe_layers: tuple[bool, ...] = ()  # per layer: MoE block (True) or a dense MLP
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -110,6 +115,15 @@ class ModelSpec:
         except RopeError as exc:
             raise ModelLoadError(str(exc)) from None
         windows = _layer_windows(config, family, layers)
+        experts = (
+            int(config.get("num_local_experts") or config.get("num_experts") or 0) if family in _MOE else 0
+        )
+        if family == "qwen3_moe":
+            dense = set(config.get("mlp_only_layers") or [])
+            step = int(config.get("decoder_sparse_step") or 1)
+            moe_layers = tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers))
+        else:
+            moe_layers = (experts > 0,) * layers
         attention_bias = bool(config.get("attention_bias", False))
         scalar = config.get("query_pre_attn_scalar") if gemma else None
         return cls(
@@ -133,26 +147,34 @@ class ModelSpec:
             family=family,
             o_bias=attention_bias and family in _ATTENTION_BIAS_FAMILIES,
             mlp_bias=bool(config.get("mlp_bias", False)) and family == "llama",
-            qk_norm=family in ("qwen3", "gemma3"),
+            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3"),
             layer_windows=windows,
             local_rope_theta=local_theta,
             hidden_act=act,
             gemma=gemma,
             attention_scale=float(scalar) ** -0.5 if scalar else None,
             final_logit_softcapping=config.get("final_logit_softcapping") if gemma else None,
+            num_experts=experts,
+            experts_per_token=int(config.get("num_experts_per_tok") or 0) if experts else 0,
+            moe_intermediate_size=int(config.get("moe_intermediate_size") or config["intermediate_size"]),
+            moe_renormalize=family == "mixtral" or bool(config.get("norm_topk_prob", False)),
+            moe_layers=moe_layers,
             raw=config,
         )
 
 
 # Families whose attention_bias puts a bias on q, k, v and o (Mistral and Phi-3 have none; Qwen2
 # always biases q, k and v only).
-_ATTENTION_BIAS_FAMILIES = ("llama", "qwen3", "gemma3")
+_ATTENTION_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma3")
+_MOE = ("mixtral", "qwen3_moe")
 _ACTIVATIONS = {
     "llama": ("silu",),
     "mistral": ("silu",),
     "qwen2": ("silu",),
     "qwen3": ("silu",),
     "phi3": ("silu",),
+    "mixtral": ("silu",),
+    "qwen3_moe": ("silu",),
     "gemma3": ("gelu_pytorch_tanh",),
 }
 
@@ -191,13 +213,13 @@ def _layer_windows(config: dict[str, Any], family: str, layers: int) -> tuple[in
         return (None,) * layers
     types = config.get("layer_types")
     if not types:
-        if family in ("qwen2", "qwen3"):
+        if family in ("qwen2", "qwen3", "qwen3_moe"):
             start = config.get("max_window_layers", layers) if config.get("use_sliding_window") else layers
             types = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
         elif family == "gemma3":
             pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
             types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
-        else:  # Mistral, Phi-3, Llama: every layer
+        else:  # Mistral, Mixtral, Phi-3, Llama: every layer
             types = ["sliding_attention"] * layers
     if len(types) != layers:
         raise ModelLoadError(f"config layer_types has {len(types)} entries for {layers} layers")

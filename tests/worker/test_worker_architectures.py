@@ -1,4 +1,5 @@
-"""Qwen3, Gemma 3 and Phi-3: each greedy-identical to transformers on a small random model."""
+"""Qwen3, Gemma 3, Phi-3, Mixtral and Qwen3-MoE: each greedy-identical to transformers on a small
+random model."""
 
 from __future__ import annotations
 
@@ -65,3 +66,15 @@ def test_phi3_fused_weights(longrope: bool, tmp_path: Path) -> None:
     prompt = PROMPT[:12] if longrope else PROMPT  # longrope: short factors throughout, as in transformers
     expected = hf_greedy(folder, prompt, 4 if longrope else 10)
     assert eng.generate([prompt], SamplingParams(max_tokens=len(expected), ignore_eos=True)) == [expected]
+
+
+def test_mixtral_experts(tmp_path: Path) -> None:
+    eng = check(save_model(tmp_path / "mixtral", "mixtral", seed=25, sliding_window=8))
+    assert eng.spec.num_experts == 4 and eng.spec.moe_renormalize and eng.spec.layer_windows == (8, 8)
+
+
+def test_qwen3_moe_with_a_dense_layer(tmp_path: Path) -> None:
+    """norm_topk_prob off (Qwen3-MoE's default) and layer 1 a dense MLP (mlp_only_layers)."""
+    folder = save_model(tmp_path / "qwen3moe", "qwen3_moe", seed=26, num_hidden_layers=3, mlp_only_layers=[1])
+    eng = check(folder)
+    assert eng.spec.moe_layers == (True, False, True) and not eng.spec.moe_renormalize

@@ -37,6 +37,11 @@ def make_config(arch: str, **overrides):
         return transformers.Qwen3Config(**{"head_dim": 32, **common})
     if arch == "phi3":
         return transformers.Phi3Config(**common)
+    if arch == "mixtral":
+        return transformers.MixtralConfig(**{"num_local_experts": 4, "num_experts_per_tok": 2, **common})
+    if arch == "qwen3_moe":
+        moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16}
+        return transformers.Qwen3MoeConfig(**{**moe, **common})
     if arch == "gemma3":
         layer_types = ["sliding_attention", "full_attention"] * (common["num_hidden_layers"] // 2)
         return transformers.Gemma3TextConfig(

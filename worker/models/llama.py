@@ -37,6 +37,17 @@ class AttentionMetadata:
 
 
 @dataclass
+class _Experts:
+    """A mixture-of-experts block: a router picks ``top_k`` of the experts for each token."""
+
+    router: torch.Tensor  # [E, H]
+    gate_up: torch.Tensor  # [E, 2I, H]
+    down: torch.Tensor  # [E, H, I]
+    top_k: int
+    renormalize: bool
+
+
+@dataclass
 class _Layer:
     input_norm: torch.Tensor
     qkv: torch.Tensor  # q, k and v projections stacked: one matmul instead of three
@@ -54,6 +65,7 @@ class _Layer:
     post_ff_norm: torch.Tensor | None = None  # Gemma only
     window: int | None = None
     rope: int = 0  # index into LlamaModel.cos_sin
+    experts: _Experts | None = None  # set instead of gate_up/down on MoE layers
 
 
 class _Weights:
@@ -146,10 +158,15 @@ class LlamaModel:
 
     def _layer(self, spec: ModelSpec, w: _Weights, i: int) -> _Layer:
         p = f"model.layers.{i}."
+        experts = None
         if spec.family == "phi3":  # Phi-3 stores q/k/v and gate/up already fused
             qkv, gate_up = w.take(p + "self_attn.qkv_proj.weight"), w.take(p + "mlp.gate_up_proj.weight")
         else:
             qkv = w.take_cat([p + f"self_attn.{x}_proj.weight" for x in "qkv"])
+        if spec.moe_layers and spec.moe_layers[i]:
+            experts = self._experts(spec, w, p)
+            gate_up = down = torch.empty(0)
+        elif spec.family != "phi3":
             gate_up = w.take_cat([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
         layer = _Layer(
             input_norm=self._norm(w.take(p + "input_layernorm.weight")),
@@ -162,9 +179,10 @@ class LlamaModel:
             gate_up_bias=(
                 w.take_cat([p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"]) if spec.mlp_bias else None
             ),
-            down=w.take(p + "mlp.down_proj.weight"),
+            down=down if experts else w.take(p + "mlp.down_proj.weight"),
             down_bias=w.take(p + "mlp.down_proj.bias") if spec.mlp_bias else None,
             window=spec.layer_windows[i] if spec.layer_windows else None,
+            experts=experts,
         )
         if spec.qk_norm:
             layer.q_norm = self._norm(w.take(p + "self_attn.q_norm.weight"))
@@ -174,6 +192,26 @@ class LlamaModel:
             layer.post_ff_norm = self._norm(w.take(p + "post_feedforward_layernorm.weight"))
             layer.rope = 1 if layer.window else 0  # sliding layers use the local rope base
         return layer
+
+    @staticmethod
+    def _experts(spec: ModelSpec, w: _Weights, p: str) -> _Experts:
+        if spec.family == "mixtral":  # w1 = gate, w3 = up, w2 = down
+            block, gate, up, down = p + "block_sparse_moe.", "w1", "w3", "w2"
+        else:
+            block, gate, up, down = p + "mlp.", "gate_proj", "up_proj", "down_proj"
+        e = range(spec.num_experts)
+        return _Experts(
+            router=w.take(block + "gate.weight"),
+            gate_up=torch.stack(
+                [
+                    w.take_cat([f"{block}experts.{j}.{gate}.weight", f"{block}experts.{j}.{up}.weight"])
+                    for j in e
+                ]
+            ),
+            down=torch.stack([w.take(f"{block}experts.{j}.{down}.weight") for j in e]),
+            top_k=spec.experts_per_token,
+            renormalize=spec.moe_renormalize,
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -255,6 +293,8 @@ class LlamaModel:
         return F.linear(attn.reshape(t, self.q_size), layer.o, layer.o_bias)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        if layer.experts is not None:
+            return self._moe(layer.experts, x)
         gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
         if self.spec.hidden_act == "silu":
             act = self.ops.silu_and_mul(gate_up)
@@ -262,6 +302,22 @@ class LlamaModel:
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.gelu(gate, approximate="tanh") * up
         return F.linear(act, layer.down, layer.down_bias)
+
+    @staticmethod
+    def _moe(experts: _Experts, x: torch.Tensor) -> torch.Tensor:
+        """Softmax routing over all experts, top-k, optional renormalisation; each expert runs on
+        its tokens only, and the weighted outputs are summed in expert order (as transformers)."""
+        probs = torch.softmax(F.linear(x, experts.router).float(), dim=-1)
+        weights, chosen = torch.topk(probs, experts.top_k, dim=-1)
+        if experts.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for expert in torch.unique(chosen).tolist():  # sorted, like transformers' expert loop
+            tokens, slot = torch.where(chosen == expert)
+            h = K.silu_and_mul(F.linear(x[tokens], experts.gate_up[expert]))
+            h = F.linear(h, experts.down[expert]) * weights[tokens, slot, None]
+            out.index_add_(0, tokens, h.to(out.dtype))
+        return out
 
     @staticmethod
     def _longest_context(meta: AttentionMetadata) -> int:
