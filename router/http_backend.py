@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from tusk.router.policies.base import NoWorkerAvailable, RoutingRequest, WorkerS
 from tusk.router.prefix_index import PrefixIndex
 from tusk.router.token_cache import BlockHashCache, segment_encoder
 from tusk.router.tokenizer import ModelTokenizer
+from tusk.router.upstream import UpstreamError, UpstreamPool
 
 from tusk.config import Role, WorkerEndpoint
 from tusk.hashing import block_hashes
@@ -258,15 +258,7 @@ class HttpRoutes:
         self.runtime = runtime
         self.pool = HttpBackendPool(runtime.index, interval_s=runtime.poll_interval_s)
         self.subscribers: list[Any] = []
-        # TCP_NODELAY: a request written as headers then body must not wait for a delayed ACK.
-        nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=5.0),
-            transport=httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024),
-                socket_options=nodelay,
-            ),
-        )
+        self.upstreams: dict[str, UpstreamPool] = {}
         self._started = False
 
     def add(self, endpoint: WorkerEndpoint) -> HttpBackend:
@@ -293,7 +285,8 @@ class HttpRoutes:
         for subscriber in self.subscribers:
             await subscriber.close()
         await self.pool.close()
-        await self.client.aclose()
+        for upstream in self.upstreams.values():
+            upstream.close()
 
     def route(
         self,
@@ -344,20 +337,20 @@ class HttpRoutes:
         ids = await prompt_token_ids(self.runtime.tokenizer, body)
         hashes = await prompt_block_hashes(ids, self.runtime.block_size) if ids else []
         excluded: set[str] = set()
-        headers = {"content-type": "application/json"}
+        headers: list[tuple[bytes, bytes]] = []
         auth = request.headers.get("authorization")
         if auth:
-            headers["authorization"] = auth
+            headers.append((b"authorization", auth.encode()))
         while True:
             backend = self.route(ids, hashes, request.headers, body, excluded)
             state = backend.state
             state.inflight += 1
-            upstream_request = self.client.build_request(
-                "POST", backend.base_url + path, content=raw, headers=headers
-            )
+            pool = self.upstreams.get(backend.address)
+            if pool is None:
+                pool = self.upstreams[backend.address] = UpstreamPool(backend.address)
             try:
-                upstream = await self.client.send(upstream_request, stream=True)
-            except httpx.TransportError as exc:
+                upstream = await pool.post(path, raw, headers)
+            except UpstreamError as exc:
                 state.inflight -= 1
                 excluded.add(backend.address)
                 log.warning(
@@ -368,18 +361,18 @@ class HttpRoutes:
                     raise worker_failed(f"{MAX_ATTEMPTS} model servers failed; last error {exc}") from None
                 continue
             break
-        passed = {k: v for k, v in upstream.headers.items() if k.lower() in _PASSED_HEADERS}
+        passed = {k.decode(): v.decode() for k, v in upstream.headers.items() if k in _PASSED_HEADERS}
 
         async def done() -> None:
             state.inflight -= 1
-            await upstream.aclose()
+            upstream.close()
             release()
             if log.isEnabledFor(logging.INFO):
                 log.info(
                     "request done",
                     extra={
                         "model": self.runtime.name,
-                        "status": upstream.status_code,
+                        "status": upstream.status,
                         "prompt_tokens": len(ids),
                         "e2e_s": round(time.perf_counter() - started, 6),
                         "decode_worker": backend.address,
@@ -388,14 +381,16 @@ class HttpRoutes:
 
         if not body.get("stream"):
             try:
-                content = await upstream.aread()
+                content = await upstream.read()
+            except UpstreamError as exc:
+                raise worker_failed(str(exc)) from None
             finally:
                 await done()
-            return Response(content, upstream.status_code, passed)
-        return _PassThrough(upstream.aiter_raw(), upstream.status_code, passed, done)
+            return Response(content, upstream.status, passed)
+        return _PassThrough(upstream.chunks(), upstream.status, passed, done)
 
 
-_PASSED_HEADERS = {"content-type", "x-request-id", "cache-control"}
+_PASSED_HEADERS = {b"content-type", b"x-request-id", b"cache-control"}
 
 
 class _PassThrough(StreamingResponse):
