@@ -46,8 +46,8 @@ def parse_hf_id(ref: str) -> tuple[str, str | None]:
 
 
 def resolve_model(ref: str, cache_dir: Path | None = None) -> ResolvedModel:
-    if ref.endswith(".gguf"):
-        return resolve_gguf(Path(ref).expanduser(), cache_dir)
+    if ref.endswith(".gguf") or (ref.startswith(HF_PREFIX) and ref.partition("@")[0].endswith(".gguf")):
+        return resolve_gguf(ref, cache_dir)
     if ref == "tiny":
         from tusk.tiny_model import tiny_model_dir
 
@@ -74,18 +74,19 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> ResolvedModel:
     return check_model_folder(Path(ref).expanduser(), None)
 
 
-def resolve_gguf(path: Path, cache_dir: Path | None) -> ResolvedModel:
-    """A GGUF file is served from a folder prepared once in the cache (config, tokenizer, a link
-    to the file); see ``tusk.worker.gguf_model``."""
+def resolve_gguf(ref: str, cache_dir: Path | None) -> ResolvedModel:
+    """A GGUF file (local, or ``hf://ORG/NAME/FILE.gguf[@REVISION]``) is served from a folder
+    prepared once in the cache (config, tokenizer, a link to the file); see
+    ``tusk.worker.gguf_model``."""
     try:
         from tusk.worker.gguf_model import GGUFError, prepared_folder
     except ImportError as exc:
-        raise ModelSourceError(f"serving {path} needs the gguf package (pip install gguf): {exc}") from None
+        raise ModelSourceError(f"serving {ref} needs the gguf package (pip install gguf): {exc}") from None
     try:
-        folder = prepared_folder(path, cache_dir)
+        folder = prepared_folder(ref, cache_dir)
     except GGUFError as exc:
         raise ModelSourceError(str(exc)) from None
-    return ResolvedModel(folder, path.stem)
+    return ResolvedModel(folder, Path(ref.partition("@")[0] if ref.startswith(HF_PREFIX) else ref).stem)
 
 
 def check_model_folder(path: Path, name: str | None) -> ResolvedModel:

@@ -79,7 +79,12 @@ class GGUFError(ValueError):
 
 
 def is_gguf(path: str | Path) -> bool:
-    return str(path).endswith(".gguf")
+    """A GGUF file, local or ``hf://ORG/NAME/FILE.gguf[@REVISION]``."""
+    return (
+        str(path).partition("@")[0].endswith(".gguf")
+        if str(path).startswith("hf://")
+        else str(path).endswith(".gguf")
+    )
 
 
 def open_gguf(path: Path):
@@ -321,22 +326,51 @@ def tokenizer_files(reader, config: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def parse_hub_gguf(ref: str) -> tuple[str, str, str | None]:
+    """``hf://ORG/NAME/FILE.gguf[@REVISION]`` -> (repo id, file path in the repo, revision)."""
+    body, _, revision = ref[len("hf://") :].partition("@")
+    parts = body.split("/")
+    if len(parts) < 3 or not all(parts) or not parts[-1].endswith(".gguf"):
+        raise GGUFError(
+            f"a GGUF file on the Hugging Face Hub looks like hf://ORG/NAME/FILE.gguf[@REVISION], got {ref!r}"
+        )
+    return "/".join(parts[:2]), "/".join(parts[2:]), revision or None
+
+
+def hub_gguf(ref: str) -> Path:
+    """Download one GGUF file of a hub repo (into the hub cache, where it is named by its SHA-256)."""
+    repo, filename, revision = parse_hub_gguf(ref)
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise GGUFError(f"{ref} needs the huggingface_hub package (pip install huggingface_hub)") from None
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, token=os.environ.get("HF_TOKEN")))
+    except Exception as exc:  # noqa: BLE001 - hub errors are many; report them in one line
+        reason = " ".join(str(exc).split())
+        raise GGUFError(f"cannot download {ref}: {type(exc).__name__}: {reason}") from None
+
+
 def prepared_folder(gguf_path: str | Path, cache_dir: Path | None = None) -> Path:
-    """The Hugging Face-style folder for ``gguf_path``, made on first use.
+    """The Hugging Face-style folder for ``gguf_path`` (a local file or ``hf://ORG/NAME/FILE.gguf``),
+    made on first use.
 
     It lives in the tusk cache, keyed by the file's location, size and modification time, so a
     replaced file gets a fresh folder and a read-only model volume works.
     """
     from tusk.tiny_model import default_cache_dir
 
-    path = Path(gguf_path).expanduser().resolve()
+    if str(gguf_path).startswith("hf://"):
+        gguf_path = hub_gguf(str(gguf_path))
+    given = Path(gguf_path).expanduser()
+    path = given.resolve()  # a hub download is a link to blobs/<sha256>: keep the file's own name
     if not path.is_file():
         raise GGUFError(f"GGUF file {str(gguf_path)!r} does not exist")
     stat = path.stat()
     key = hashlib.blake2b(
         f"{PREPARED_VERSION}:{path}:{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=8
     ).hexdigest()
-    target = (cache_dir or default_cache_dir()) / "gguf" / f"{path.stem}-{key}"
+    target = (cache_dir or default_cache_dir()) / "gguf" / f"{given.stem}-{key}"
     if (target / ".complete").is_file():
         return target
     reader = open_gguf(path)

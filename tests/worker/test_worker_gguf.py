@@ -248,3 +248,41 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
         assert ours.encode(text, add_special_tokens=False) == hf(text, add_special_tokens=False).input_ids
         assert ours.decode(expected) == hf.decode(expected, skip_special_tokens=True), text
     assert expected[0] == 1  # llama.cpp's default for SentencePiece files: BOS added
+
+
+def test_gguf_from_the_hub(llama_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf://ORG/NAME/FILE.gguf[@REV] downloads one file; its identity is the hub's SHA-256."""
+    import hashlib
+
+    import huggingface_hub
+    from tusk.worker.fingerprint import CACHE_FILE
+
+    source = save_gguf(tmp_path / "src.gguf", llama_folder, "Q8_0")
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    calls = []
+
+    def fake_download(
+        repo_id: str, filename: str, revision: str | None = None, token: str | None = None
+    ) -> str:
+        calls.append((repo_id, filename, revision))
+        blob = tmp_path / "hub" / "blobs" / sha
+        snapshot = tmp_path / "hub" / "snapshots" / (revision or "main") / filename
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        if not blob.exists():
+            blob.write_bytes(source.read_bytes())
+        if not snapshot.exists():
+            snapshot.symlink_to(blob)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    ref = "hf://org/tiny-GGUF/quants/tiny.Q8_0.gguf@v1"
+    resolved = resolve_model(ref)
+    assert resolved.name == "tiny.Q8_0" and resolved.path.name.startswith("tiny.Q8_0-")
+    eng = LLMEngine(ref, EngineConfig(num_kv_blocks=16, block_size=8))
+    assert calls[-1] == ("org/tiny-GGUF", "quants/tiny.Q8_0.gguf", "v1")
+    assert eng.folder == resolved.path
+    assert not (eng.folder / CACHE_FILE).exists()  # the blob name is the hash: nothing was read
+    assert eng.model_id == loader.model_digest(eng.folder)
+    with pytest.raises(ModelSourceError, match=r"hf://ORG/NAME/FILE.gguf\[@REVISION\]"):
+        resolve_model("hf://org/tiny.gguf")
