@@ -3,6 +3,7 @@ they repeat."""
 
 from __future__ import annotations
 
+from conftest import MODEL
 from router_fake_worker import FakeWorkerState, start_fake_worker
 from tusk.router.workers import SLOW_POLLS_TO_FAIL, WorkerClient
 
@@ -44,7 +45,6 @@ def test_a_worker_back_from_unhealthy_gets_its_prefix_index_entries_back(harness
     import time
 
     import httpx
-    from conftest import MODEL
     from tusk.router.registry import ModelRuntime
 
     from tusk.config import RoutingConfig
