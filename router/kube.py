@@ -184,6 +184,7 @@ class Reflector:
     def run(self) -> None:
         version: str | None = None
         backoff = self.min_backoff_s
+        gone_in_a_row = 0
         while not self._stop.is_set():
             try:
                 if version is None:
@@ -207,6 +208,7 @@ class Reflector:
                     if kind in ("ADDED", "MODIFIED", "DELETED"):
                         self.deliver(kind, obj)  # raises: the watch resumes before this event
                     version = resource_version(obj) or version  # BOOKMARKs only move this on
+                    gone_in_a_row = 0
                 backoff = self.min_backoff_s
                 if not events and time.monotonic() - started < 1.0:
                     self._stop.wait(self.min_backoff_s)  # a server that closes watches at once
@@ -215,6 +217,9 @@ class Reflector:
                     return
                 log.info("watch history gone; listing again", extra={"watch": self.name, "error": str(exc)})
                 version = None
+                gone_in_a_row += 1
+                if gone_in_a_row > 1:  # a lagging watch cache ("too large"): do not hammer it
+                    self._stop.wait(min(self.min_backoff_s * 2 ** (gone_in_a_row - 2), self.max_backoff_s))
             except Exception as exc:  # noqa: BLE001 - an API server restart, RBAC, the network
                 if self._stop.is_set():
                     return

@@ -191,3 +191,70 @@ def test_owner_ref_helper_matches_what_the_operator_writes() -> None:
     ours = owner_ref(md)
     theirs = Owner(name="llama", namespace="ml", uid=md["metadata"]["uid"]).reference()
     assert {k: theirs[k] for k in ours} == ours
+
+
+class _ScriptedSource:
+    """Each watch() plays the next script entry: an exception to raise or events to yield."""
+
+    def __init__(self, script) -> None:
+        self.script = list(script)
+        self.lists = 0
+        self.watched_from: list[str] = []
+        self.parked = threading.Event()
+        self.cancelled = threading.Event()
+
+    def list(self):
+        self.lists += 1
+        return [{"metadata": {"name": f"list-{self.lists}"}}], f"{self.lists * 100}"
+
+    def watch(self, resource_version, timeout_s):
+        self.watched_from.append(resource_version)
+        step = self.script.pop(0) if self.script else None
+        if isinstance(step, Exception):
+            raise step
+        yield from step or []
+        if not self.script:
+            self.parked.set()
+            self.cancelled.wait(30)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def _event(kind: str, name: str, version: int) -> dict:
+    return {"type": kind, "object": {"metadata": {"name": name, "resourceVersion": str(version)}}}
+
+
+def test_reflector_relists_after_gone_and_too_large_and_resumes_otherwise() -> None:
+    from tusk.router.kube import Gone
+
+    source = _ScriptedSource(
+        [
+            [_event("ADDED", "a", 101)],  # then the server ends the watch: resume from 101
+            [{"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "150"}}}],
+            [{"type": "ERROR", "object": {"code": 410, "message": "too old resource version"}}],
+            Gone("504 Timeout: Too large resource version"),
+            [_event("DELETED", "a", 301)],
+        ]
+    )
+    seen: list[tuple[str, str]] = []
+
+    def deliver(kind, payload):
+        seen.append((kind, payload[0]["metadata"]["name"] if kind == SYNC else payload["metadata"]["name"]))
+
+    reflector = Reflector("x", source, deliver, min_backoff_s=0.01)
+    reflector.start()
+    try:
+        assert source.parked.wait(10)
+        assert seen == [
+            (SYNC, "list-1"),
+            ("ADDED", "a"),
+            (SYNC, "list-2"),
+            (SYNC, "list-3"),
+            ("DELETED", "a"),
+        ]
+        assert source.watched_from == ["100", "101", "150", "200", "300"]
+    finally:
+        started = time.monotonic()
+        reflector.stop(5)
+        assert time.monotonic() - started < 3
