@@ -17,6 +17,7 @@ from tusk.kernels.sampling_penalties import (
     mask_tokens,
     token_logprobs,
 )
+from tusk.worker.block_tables import DeviceBlockTables
 from tusk.worker.models.llama import AttentionMetadata, LlamaModel
 from tusk.worker.scheduler import ScheduledSeq
 
@@ -30,6 +31,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = model.device
         self.eos_token_ids = tuple(eos_token_ids)
+        # Block tables live on the device and change only where a sequence's blocks changed.
+        self.block_tables = DeviceBlockTables(self.device)
         # Logprobs of the last step's sampled tokens, by index in its batch (rows that asked).
         self.last_logprobs: dict[int, TokenLogprobs] = {}
 
@@ -70,10 +73,15 @@ class ModelRunner:
             prefill_context_lens=None,
             prefill_block_tables=None,
         )
+        rows = self.block_tables.rows_for([batch[i].seq for i in order])
         if decodes:
-            meta.decode_context_lens, meta.decode_block_tables = self._tables([batch[i] for i in decodes])
+            meta.decode_context_lens, meta.decode_block_tables = self._tables(
+                [batch[i] for i in decodes], rows[:nd]
+            )
         if prefills:
-            meta.prefill_context_lens, meta.prefill_block_tables = self._tables([batch[i] for i in prefills])
+            meta.prefill_context_lens, meta.prefill_block_tables = self._tables(
+                [batch[i] for i in prefills], rows[nd:]
+            )
             prefill_cu = [c - cu[nd] for c in cu[nd:]]
             meta.prefill_cu_seqlens = torch.tensor(prefill_cu, dtype=torch.int32, device=dev)
 
@@ -133,14 +141,12 @@ class ModelRunner:
             )
         return logits
 
-    def _tables(self, items: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tables(self, items: list[ScheduledSeq], rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         context = [s.seq.num_computed + s.num_tokens for s in items]
         width = max(len(s.seq.block_table) for s in items)
-        rows = [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in items]
-        dev = self.device
         return (
-            torch.tensor(context, dtype=torch.int32, device=dev),
-            torch.tensor(rows, dtype=torch.int32, device=dev),
+            torch.tensor(context, dtype=torch.int32, device=self.device),
+            self.block_tables.select(rows, width),
         )
 
     def _sampling_batch(self, items: list[ScheduledSeq]) -> K.SamplingBatch:
