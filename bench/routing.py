@@ -180,9 +180,11 @@ def decision_bench(workers: int = 64, blocks: int = 1_000_000, decisions: int = 
     gc.collect()
     gc.freeze()
     rounds = 3
-    for name in POLICY_NAMES:
-        # claim_routes off: every decision sees the same index, so policies are comparable
-        policy = make_policy(name, index, seed=0, claim_routes=False)
+    # claim_routes off: every decision sees the same index, so policies are comparable; then
+    # cost again with its claims on (2 s TTL), as it runs live
+    variants = [(name, make_policy(name, index, seed=0, claim_routes=False)) for name in POLICY_NAMES]
+    variants.append(("cost_with_claims", make_policy("cost", index, claim_routes=True, claim_ttl_s=2.0)))
+    for name, policy in variants:
         wall, cpu = [], []
         per_request: list[list[float]] = [[] for _ in requests]
         for _ in range(rounds):
@@ -223,8 +225,8 @@ def decision_bench(workers: int = 64, blocks: int = 1_000_000, decisions: int = 
     head = ("wall p50 us", "wall p99 us", "cpu p50 us", "cpu p99 us", "min-of-3 p99")
     print(f"{'policy':<14}" + "".join(f"{h:>13}" for h in head))
     keys = ("p50_us", "p99_us", "cpu_p50_us", "cpu_p99_us", "cpu_p99_min_of_rounds_us")
-    for name in POLICY_NAMES:
-        print(f"{name:<14}" + "".join(f"{result[name][k]:>13.1f}" for k in keys))
+    for name in (*POLICY_NAMES, "cost_with_claims"):
+        print(f"{name:<20}" + "".join(f"{result[name][k]:>13.1f}" for k in keys))
     print(
         f"index.match alone: p50 {result['match_only_p50_us']:.1f} us, p99 {result['match_only_p99_us']:.1f} us"
     )
