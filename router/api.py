@@ -32,10 +32,10 @@ from tusk.router.metrics import CONTENT_TYPE, RouterMetrics
 from tusk.router.registry import ModelRegistry, ModelRuntime
 from tusk.router.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from tusk.router.stops import StopMatcher
+from tusk.router.token_cache import prompt_block_hashes, segment_encoder
 from tusk.router.tokenizer import ModelTokenizer
 
 from tusk.config import RouterConfig
-from tusk.hashing import block_hashes
 from tusk.protocol import pb
 
 log = logging.getLogger("tusk.router.api")
@@ -200,7 +200,7 @@ class RouterAPI:
         else:
             body = parse_body(CompletionRequest, raw)
         runtime = self.registry.get(body.model)
-        if not runtime.has_ready_worker():
+        if not runtime.can_serve():
             raise no_worker(body.model)
         tok = runtime.tokenizer
         if isinstance(body, ChatCompletionRequest):
@@ -240,7 +240,7 @@ class RouterAPI:
             # Clients may reuse their own ids; workers key state (and Cancel) on this one.
             request_id=rid if rid.startswith("req-") else f"{rid}-{uuid.uuid4().hex[:8]}",
             prompt_ids=prompt_ids,
-            block_hashes=block_hashes(prompt_ids, runtime.block_size),
+            block_hashes=await prompt_block_hashes(prompt_ids, runtime.block_size),
             sampling=sampling,
             policy=policy,
             deadline=time.monotonic() + timeout,
@@ -590,7 +590,10 @@ async def _disconnected(request: Request) -> None:
 
 async def _encode(tok: ModelTokenizer, text: str, *, special: bool) -> list[int]:
     """Long prompts are encoded on a thread (``tokenizers`` releases the GIL), so a 100k-token
-    prompt does not stall every other stream for a few hundred milliseconds."""
+    prompt does not stall every other stream for a few hundred milliseconds. A rendered chat
+    (``special`` false) goes through the segment cache: its history is tokenized once."""
+    if not special:
+        return await segment_encoder(tok, tok.tokenizer).encode_async(text, INLINE_ENCODE_CHARS)
     if len(text) < INLINE_ENCODE_CHARS:
         return tok.encode(text, add_special_tokens=special)
     return await asyncio.to_thread(tok.encode, text, add_special_tokens=special)

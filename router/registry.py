@@ -113,7 +113,9 @@ class ModelRuntime:
             return True
         return any(c.state.healthy and c.state.can_decode for c in self.clients.values())
 
-    has_ready_worker = can_serve  # the request path's name for it
+    def has_ready_worker(self) -> bool:
+        """Some worker of any role is healthy (a prefill worker's own HTTP layer waits for this)."""
+        return any(c.state.healthy for c in self.clients.values())
 
     def client(self, address: str) -> WorkerClient:
         return self.clients[address]
