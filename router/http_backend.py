@@ -31,12 +31,11 @@ from tusk.router.dispatch import MAX_ATTEMPTS
 from tusk.router.errors import bad_request, no_worker, worker_failed
 from tusk.router.policies.base import NoWorkerAvailable, RoutingRequest, WorkerState
 from tusk.router.prefix_index import PrefixIndex
-from tusk.router.token_cache import BlockHashCache, segment_encoder
+from tusk.router.token_cache import prompt_block_hashes, segment_encoder
 from tusk.router.tokenizer import ModelTokenizer
 from tusk.router.upstream import UpstreamError, UpstreamPool
 
 from tusk.config import Role, WorkerEndpoint
-from tusk.hashing import block_hashes
 
 if TYPE_CHECKING:
     from tusk.router.api import RouterAPI
@@ -200,8 +199,6 @@ class HttpBackendPool:
 
 # -- the request path: the tusk router in front of OpenAI HTTP servers ------------------------------
 
-INLINE_HASH_TOKENS = 8192  # longer prompts are hashed on a thread: 100k tokens take ~50 ms
-
 
 def _message_text(message: dict[str, Any]) -> str:
     content = message.get("content")
@@ -238,17 +235,6 @@ async def prompt_token_ids(tokenizer: ModelTokenizer, body: dict[str, Any]) -> l
     if len(text) < INLINE_ENCODE_CHARS:
         return tokenizer.encode(text, add_special_tokens=special)
     return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=special)
-
-
-_HASHES = BlockHashCache()
-
-
-async def prompt_block_hashes(ids: list[int], block_size: int) -> list[int]:
-    """Block hashes of a prompt, memoized per block (shared history hashes once); a long prompt
-    is hashed on a thread so it does not stall every other request."""
-    if len(ids) < INLINE_HASH_TOKENS:
-        return _HASHES.hashes(ids, block_size)
-    return await asyncio.to_thread(block_hashes, ids, block_size)
 
 
 class HttpRoutes:

@@ -160,3 +160,17 @@ class BlockHashCache:
             out.append(h)
             parent = h
         return out
+
+
+INLINE_HASH_TOKENS = 8192  # longer prompts are hashed on a thread: 100k tokens take ~50 ms
+_HASHES = BlockHashCache()
+
+
+async def prompt_block_hashes(ids: list[int], block_size: int) -> list[int]:
+    """Block hashes of a prompt, memoized per block (shared history hashes once); a long prompt
+    is hashed on a thread so it does not stall every other request."""
+    if len(ids) < INLINE_HASH_TOKENS:
+        return _HASHES.hashes(ids, block_size)
+    from tusk.hashing import block_hashes
+
+    return await asyncio.to_thread(block_hashes, ids, block_size)

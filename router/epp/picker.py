@@ -16,10 +16,11 @@ from typing import Any
 
 import msgspec
 from tusk.router.errors import APIError
-from tusk.router.http_backend import HttpRoutes, prompt_block_hashes, prompt_token_ids
+from tusk.router.http_backend import HttpRoutes, prompt_token_ids
 from tusk.router.metrics import RouterMetrics
 from tusk.router.policies.base import WorkerState
 from tusk.router.registry import ModelRuntime
+from tusk.router.token_cache import prompt_block_hashes
 from tusk.router.tokenizer import ModelTokenizer
 
 from tusk.config import EndpointPickerConfig, ModelRoute, RoutingConfig

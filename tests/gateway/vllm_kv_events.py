@@ -91,7 +91,8 @@ def prefix_hits(address: str) -> float:
 async def drive(folder: Path, engines: list[tuple[str, str, str]], turns: int) -> dict:
     import openai
     from tusk.router.app import Router, RouterOptions, _bind, build_server
-    from tusk.router.http_backend import prompt_block_hashes, prompt_token_ids
+    from tusk.router.http_backend import prompt_token_ids
+    from tusk.router.token_cache import prompt_block_hashes
 
     from tusk.config import ModelRoute, RouterConfig, WorkerEndpoint
 
