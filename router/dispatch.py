@@ -68,6 +68,7 @@ class Generation:
     ttft_s: float | None = None
     prefill_s: float | None = None
     decode_s: float | None = None
+    handoff_s: float | None = None  # split requests: the KV handoff, as the decode worker measured it
     attempts: int = 0
     suspects: int = 0  # worker connections that broke while holding this request
     # (token id, its logprobs) per sampled token, when the request asked for logprobs.
@@ -180,6 +181,8 @@ class Generation:
             first_token = reply.first_token
             if reply.HasField("first_token_logprob"):
                 self.logprobs.append((reply.first_token, reply.first_token_logprob))
+            if reply.prefill_s > 0:  # the worker's own measure: compute only, queueing excluded
+                self.prefill_s = reply.prefill_s
             if self._ticket is not None:
                 self._ticket.first_token()
             self.cached_tokens = reply.cached_tokens
@@ -280,7 +283,10 @@ class Generation:
                             self._ticket.decode_started()
                         if first_token is None and not migrated:
                             self.cached_tokens = reply.cached_tokens
-                            self.prefill_s = time.perf_counter() - started
+                            # the worker's compute time when it reports one (queueing excluded)
+                            self.prefill_s = reply.prefill_s or time.perf_counter() - started
+                        elif reply.handoff_s > 0:
+                            self.handoff_s = reply.handoff_s
                     if reply.token_ids:
                         if self.ttft_s is None:
                             self.ttft_s = time.perf_counter() - self._started
@@ -379,6 +385,7 @@ class Generation:
             decode_tokens=self.completion_tokens,
             decode_s=self.decode_s,
             ok=self._ok,
+            handoff_s=self.handoff_s,
         )
         try:
             self.req.policy.observe(outcome)

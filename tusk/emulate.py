@@ -139,11 +139,12 @@ class EmulatedService(rpc.WorkerServicer):
                 if kind == "done":
                     yield pb.GenerateResponse(finish_reason=pb.FINISH_REASON_LENGTH)
                     return
-                n = 1 if kind == "first" else value
+                n = 0 if kind == "admitted" else 1 if kind == "first" else value
                 reply = pb.GenerateResponse(token_ids=[self.token] * n)
                 if first_message:
                     reply.cached_tokens = live.cached_tokens if live.mode != "decode" else 0
                     reply.prompt_tokens = live.prompt_tokens
+                    reply.queue_s, reply.prefill_s, reply.handoff_s = live.timings(self.engine.time_scale)
                     first_message = False
                 yield reply
         finally:
@@ -160,7 +161,10 @@ class EmulatedService(rpc.WorkerServicer):
         except asyncio.CancelledError:
             self.engine.cancel(live)
             raise
+        queue_s, prefill_s, _ = live.timings(self.engine.time_scale)
         return pb.PrefillResponse(
+            queue_s=queue_s,
+            prefill_s=prefill_s,
             first_token=self.token,
             block_hashes=live.hashes,
             cached_tokens=live.cached_tokens,
@@ -322,6 +326,8 @@ def build_http_app(by_port: dict[int, EmulatedService], tokenizer: Any, model: s
                     kind, value = await live.events.get()
                     if kind == "done":
                         break
+                    if kind == "admitted":
+                        continue
                     n = 1 if kind == "first" else value
                     data = {"id": rid, "object": chunk_obj, "created": created, "model": model}
                     data["choices"] = [choice(OUTPUT_WORD * n, None)]

@@ -55,6 +55,17 @@ class LiveRequest:
     def cached_tokens(self) -> int:
         return self.job.cached_tokens
 
+    def timings(self, time_scale: float) -> tuple[float, float, float]:
+        """(queue, prefill, handoff) in wall seconds, as a worker reports them."""
+        j = self.job
+        queue = prefill = handoff = 0.0
+        if self.mode == "decode":
+            handoff = j.handoff_s or 0.0
+        elif j.prefill_start is not None and j.prefill_end is not None:
+            queue = max(0.0, j.prefill_start - self.arrived_s)
+            prefill = max(0.0, j.prefill_end - j.prefill_start)
+        return queue / time_scale, prefill / time_scale, handoff / time_scale
+
 
 class EmulatedEngine:
     """One emulated worker (the ``sim`` object its ``SimWorker`` reports to)."""
@@ -218,6 +229,7 @@ class EmulatedEngine:
             if live.max_tokens <= 1:
                 self._end(live)
                 return
+            self._emit(live, "admitted", None)  # the KV is here: the worker reports the handoff
             live.decoding = True
             self._decoding.add(live)
             self.core.receive_handoff(job, now)

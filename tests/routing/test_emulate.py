@@ -112,7 +112,10 @@ async def test_worker_protocol_and_http_api() -> None:
                 request_id="p", prompt_token_ids=prompt, sampling=sampling, first_token=pre.first_token
             )
         )
-        assert sum([len(r.token_ids) async for r in rest]) == 5
+        rest = [r async for r in rest]
+        assert sum(len(r.token_ids) for r in rest) == 5
+        # workers time their own phases: compute without queueing, and the handoff
+        assert pre.prefill_s > 0 and rest[0].handoff_s > 0 and not rest[0].token_ids
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await a.Prefill(pb.PrefillRequest(request_id="x", prompt_token_ids=[], sampling=sampling))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
