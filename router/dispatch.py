@@ -120,7 +120,11 @@ class Generation:
                 loads[w.worker_id] = self.runtime.client(w.address).load
         if len(loads) == (1 if decision.prefill is None or decision.prefill is decision.decode else 2):
             self._ticket = open_ticket(
-                loads, decision, len(self.req.prompt_ids), self.req.sampling.max_tokens, self.runtime.block_size
+                loads,
+                decision,
+                len(self.req.prompt_ids),
+                self.req.sampling.max_tokens,
+                self.runtime.block_size,
             )
 
     def _pick_decode(self) -> WorkerState:
