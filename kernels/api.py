@@ -102,17 +102,22 @@ class KernelOps:
         context_lens: torch.Tensor,
         block_tables: torch.Tensor,
         scale: float,
+        max_q_len: int | None = None,
     ) -> torch.Tensor:
-        """Causal attention for a ragged batch of query chunks over their whole paged context."""
+        """Causal attention for a ragged batch of query chunks over their whole paged context.
+
+        ``max_q_len``: the longest query chunk, when the caller knows it on the host; backends
+        that size their launch grid by it (Triton) then need no device sync to read it."""
         if self.check:
             validate.paged_prefill_attention(
                 "paged_prefill_attention", q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables
             )
+            validate.max_q_len("paged_prefill_attention", cu_seqlens_q, max_q_len)
         if q.shape[0] == 0:
             return torch.empty_like(q)
         return self._run(
             "paged_prefill_attention",
-            q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, float(scale),
+            q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, float(scale), max_q_len,
         )  # fmt: skip
 
     def paged_decode_attention(

@@ -157,6 +157,7 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    max_q_len: int | None = None,  # a launch-size hint for GPU backends; unused here
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()

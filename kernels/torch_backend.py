@@ -201,6 +201,7 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    max_q_len: int | None = None,  # a launch-size hint for GPU backends; this path reads the lists
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]

@@ -244,7 +244,9 @@ def paged_decode_attention(q, k_cache, v_cache, context_lens, block_tables, scal
     return out
 
 
-def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+def paged_prefill_attention(
+    q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q_len=None
+):
     tk = _kernels()
     q = _last_dim_contiguous(q)
     total, q_heads, dim = q.shape
@@ -252,7 +254,8 @@ def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, blo
     out = torch.empty_like(q)
     compute_f32, precision = _dot_settings(q.dtype)
     cu = cu_seqlens_q.contiguous()
-    max_q_len = int((cu[1:] - cu[:-1]).max())
+    if max_q_len is None:  # a device sync: callers that know it on the host pass it
+        max_q_len = int((cu[1:] - cu[:-1]).max())
     tables = block_tables.contiguous()
     lens = context_lens.contiguous()
     n_seqs = lens.shape[0]

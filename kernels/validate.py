@@ -186,6 +186,18 @@ def paged_prefill_attention(op, q, k_cache, v_cache, cu_seqlens_q, context_lens,
             raise KernelInputError(op, f"sequences {short} have context_lens shorter than their query chunk")
 
 
+def max_q_len(op: str, cu_seqlens_q: torch.Tensor, given: int | None) -> None:
+    """A host-side longest query chunk must be right: a short one would skip query tiles."""
+    if given is None:
+        return
+    if not (isinstance(given, int) and given >= 0):
+        raise KernelInputError(op, f"max_q_len must be a non-negative int, got {given!r}")
+    if cu_seqlens_q.device.type == "cpu" and cu_seqlens_q.numel() > 1:
+        actual = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        if given != actual:
+            raise KernelInputError(op, f"max_q_len {given} differs from the longest query chunk {actual}")
+
+
 def paged_decode_attention(op, q, k_cache, v_cache, context_lens, block_tables) -> None:
     _attention_common(op, q, k_cache, v_cache, context_lens, block_tables)
     if not (q.shape[0] == context_lens.shape[0]):

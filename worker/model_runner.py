@@ -84,6 +84,7 @@ class ModelRunner:
             )
             prefill_cu = [c - cu[nd] for c in cu[nd:]]
             meta.prefill_cu_seqlens = torch.tensor(prefill_cu, dtype=torch.int32, device=dev)
+            meta.prefill_max_q_len = max(batch[i].num_tokens for i in prefills)
 
         results: list[int | None] = [None] * len(batch)
         logits = self.model.forward(

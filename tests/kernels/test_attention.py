@@ -266,3 +266,25 @@ def test_layer_flow_with_views_from_a_fused_qkv_projection(backend, device):
 
     for got, want in zip(layer(backend), layer("reference"), strict=True):
         assert_close(got, want)
+
+
+def test_triton_prefill_with_a_host_max_q_len_reads_no_device_values(triton_ready, device, monkeypatch):
+    """The model passes the longest chunk from the host: the launch must not read cu_seqlens back."""
+    from tusk.kernels import triton_backend
+
+    batch = paged_batch([1, 16, 20], [1, 16, 7], 16, 2, 2, 32, torch.float32, seed=3, device=device)
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.cu_seqlens_q, batch.context_lens,
+            batch.block_tables, _scale(32))  # fmt: skip
+    want = R.paged_prefill_attention(*args)
+    reads = []
+    real_max = torch.Tensor.max
+
+    def counting_max(self, *a, **kw):  # the wrapper's only way to learn the longest chunk
+        reads.append(self.shape)
+        return real_max(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "max", counting_max)
+    assert_close(triton_backend.paged_prefill_attention(*args, 16), want)
+    assert reads == []
+    assert_close(triton_backend.paged_prefill_attention(*args), want)
+    assert reads  # without the hint it still works, at the price of the sync

@@ -84,3 +84,15 @@ def test_elementwise_rejects(ops):
         ops.write_kv_cache(torch.zeros(1, 1, 8), torch.zeros(1, 1, 8), kc, kc.clone(), torch.tensor([8]))
     with pytest.raises(ValueError, match="even"):
         K.rope_cos_sin_cache(7, 4, 10000.0, None, torch.float32, "cpu")
+
+
+def test_prefill_max_q_len_must_match(ops):
+    base = _decode_args()
+    del base["context_lens"], base["q"]
+    args = dict(
+        q=torch.zeros(10, 4, 64), cu_seqlens_q=torch.tensor([0, 8, 10], dtype=torch.int32),
+        context_lens=torch.tensor([8, 16], dtype=torch.int32), **base,
+    )  # fmt: skip
+    with pytest.raises(K.KernelInputError, match="max_q_len 7 differs from the longest query chunk 8"):
+        ops.paged_prefill_attention(**args, max_q_len=7)
+    assert ops.paged_prefill_attention(**args, max_q_len=8).shape == (10, 4, 64)

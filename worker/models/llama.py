@@ -34,6 +34,7 @@ class AttentionMetadata:
     prefill_cu_seqlens: torch.Tensor | None  # [Bp + 1] int32
     prefill_context_lens: torch.Tensor | None  # [Bp] int32
     prefill_block_tables: torch.Tensor | None  # [Bp, max_blocks] int32
+    prefill_max_q_len: int | None = None  # longest prefill chunk, known on the host (no device sync)
 
 
 @dataclass
@@ -355,6 +356,7 @@ class LlamaModel:
                     meta.prefill_context_lens,
                     meta.prefill_block_tables,
                     self.scale,
+                    meta.prefill_max_q_len,
                 )
             )
         return parts[0] if len(parts) == 1 else torch.cat(parts)
