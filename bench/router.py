@@ -12,8 +12,9 @@ router's *added* latency is its percentile minus direct's at the same rate and m
 * smg (``smg launch ... --policy cache_aware``) and vllm-router (same flags), from their own
   venvs under /work/peers (``--install-peers`` creates them); a missing one is reported and
   skipped, never faked;
-* prompts: realistic chat bodies of about 2k tokens (16 conversations, each request a new last
-  question), ``max_tokens`` 8; the mock streams 8 SSE events;
+* prompts: realistic chat bodies of about 1.7k tokens (SmolLM2 tokenizer; 16 conversations of a
+  system prompt and four turns, each request a new last question), ``max_tokens`` 8; the mock
+  streams 8 SSE events; every target first serves each conversation twice (warm-up);
 * streamed requests use a fresh connection each: smg does not set TCP_NODELAY on accepted
   connections, which adds ~40 ms (Nagle + delayed ACK) to small SSE writes on a reused
   connection; a fresh connection per stream measures every router on equal terms.
@@ -420,6 +421,10 @@ async def run(args: argparse.Namespace) -> dict:
                 targets.append(Target(name, [started[1]], started[0].pid))
         for target, process in zip(targets[1:], processes, strict=True):
             await wait_serving(target, bodies[False][0], process)
+        for target in targets:  # warm-up: every conversation once (prefix trees, caches, pools)
+            for body in bodies[False][:32]:
+                await target.request(body, "/v1/chat/completions", False)
+            target.close()
         results: dict = {t.name: {} for t in targets}
         for stream in (False, True):
             mode = "stream" if stream else "json"
