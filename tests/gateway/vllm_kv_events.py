@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 PEERS = Path(os.environ.get("TUSK_PEERS_DIR", "/work/peers"))
-BLOCK = 16
+BLOCK = 32  # vLLM CPU attention needs a multiple of 32
 
 
 def free_port() -> int:
