@@ -58,7 +58,18 @@ PEERS = {
     "smg": Path("/work/peers/smg/bin/smg"),
     "vllm_router": Path("/work/peers/vllm-router/bin/vllm-router"),
 }
-SYSTEMS = (*TUSK_SYSTEMS, *PEERS)
+# P/D variants of cost (run with --prefill/--decode): fixed thresholds around the tuned rule
+VARIANTS = {
+    "cost_never_split": ("cost", {"disaggregation_threshold_tokens": 1 << 30}),
+    "cost_always_split": ("cost", {"disaggregation_threshold_tokens": 0}),
+}
+SYSTEMS = (*TUSK_SYSTEMS, *PEERS, *VARIANTS)
+
+
+def policy_of(system: str) -> tuple[str, dict[str, Any]]:
+    return VARIANTS.get(system, (system, {}))
+
+
 POLL_S = 0.5  # the tusk router's load poll (wall seconds)
 
 
@@ -98,11 +109,13 @@ class Proc:
 
 
 def start_emulator(args: argparse.Namespace, logdir: Path) -> Proc:
+    layout = ["--prefill", str(args.prefill), "--decode", str(args.decode)] if args.prefill else []
     argv = [
         sys.executable,
         "-m",
         "tusk",
         "emulate",
+        *layout,
         "--workers",
         str(args.workers),
         "--profile",
@@ -130,7 +143,8 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def start_front(system: str, emu: dict[str, Any], args: argparse.Namespace, logdir: Path) -> tuple[Proc, str]:
     workers = emu["workers"]
-    if system in TUSK_SYSTEMS:
+    if system not in PEERS:
+        policy, extra = policy_of(system)
         config = {
             "host": "127.0.0.1",
             "port": 0,
@@ -144,7 +158,7 @@ def start_front(system: str, emu: dict[str, Any], args: argparse.Namespace, logd
                 }
             ],
             # the engine's chunk size and prior prefill rate, as the simulator gives its policies
-            "routing": {"policy": system, "kv_events": True, "settings": engine_settings(args)},
+            "routing": {"policy": policy, "kv_events": True, "settings": engine_settings(args) | extra},
             "max_queue": 100_000,
         }
         argv = [
@@ -212,12 +226,15 @@ def live_run(system: str, items: list, args: argparse.Namespace, logdir: Path) -
     front = None
     try:
         front, url = start_front(system, emu.ready, args, logdir)
-        if system in TUSK_SYSTEMS:
+        if system not in PEERS:
             time.sleep(2 * POLL_S + 0.5)  # the router has polled every worker and holds its KV feed
         t0 = time.perf_counter()
         summary = asyncio.run(replay(url, items, args, emu.ready["model"]))
         out = summary["outcomes"]
-        return {
+        extra = (
+            {"disaggregated_fraction": split_fraction(url)} if system not in PEERS and args.prefill else {}
+        )
+        return extra | {
             "p50_ttft_s": out["ttft_p50_s"],
             "p90_ttft_s": out["ttft_p90_s"],
             "p99_ttft_s": out["ttft_p99_s"],
@@ -233,12 +250,31 @@ def live_run(system: str, items: list, args: argparse.Namespace, logdir: Path) -
         emu.stop()
 
 
+def split_fraction(url: str) -> float | None:
+    """Share of routing decisions that split prefill from decode, from the router's metrics."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    split = total = 0.0
+    for line in text.splitlines():
+        if line.startswith("tusk_router_routing_decisions_total{"):
+            value = float(line.rsplit(" ", 1)[1])
+            total += value
+            split += value if 'disaggregated="true"' in line else 0.0
+    return split / total if total else None
+
+
 def simulate(
-    trace: list[TraceRequest], policy: str, load: float, args: argparse.Namespace, profile: Any
+    trace: list[TraceRequest], system: str, load: float, args: argparse.Namespace, profile: Any
 ) -> dict:
+    policy, extra = policy_of(system)
     config = SimConfig(
         policy=policy,
+        policy_settings=extra,
         workers=args.workers,
+        prefill_workers=args.prefill,
+        decode_workers=args.decode,
         load_scale=load,
         block_size=args.block_size,
         poll_interval_s=POLL_S * args.time_scale,
@@ -266,9 +302,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trace", type=Path, default=TRACES / "synthetic_trace.jsonl")
     p.add_argument("--format", choices=("mooncake", "azure", "kvtester"))
     p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--prefill", type=int, default=0, help="P/D layout: prefill workers (with --decode)")
+    p.add_argument("--decode", type=int, default=0, help="P/D layout: decode workers")
     p.add_argument("--quick", action="store_true", help="700 requests, time scale 2, token scale 16")
     p.add_argument("--requests", type=int, help="replay the first N requests")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
+    p.add_argument("--systems", help="comma-separated; default: the tusk profiles, smg and vllm_router")
     p.add_argument("--load-factors", default="1.0,1.5")
     p.add_argument("--profile", default="h100-llama8b")
     p.add_argument("--time-scale", type=float, help="emulated seconds per wall second (default 1; quick 2)")
@@ -288,10 +326,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--time-scale must be > 0 and --token-scale must divide 64")
     args.block_size = 64 // args.token_scale  # 64-token KV blocks before scaling
     args.requests = args.requests or (700 if args.quick else None)
-    systems = [s for s in args.systems.split(",") if s]
+    default = ",".join((*TUSK_SYSTEMS, *PEERS))
+    systems = [s for s in (args.systems or default).split(",") if s]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         p.error(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    if args.prefill and not args.decode:
+        p.error("--prefill needs --decode")
+    if args.prefill and set(systems) & set(PEERS):
+        p.error("the peer routers run aggregated here; leave them out of a P/D run")
     args.system_list = systems
     return args
 
@@ -327,9 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                 result = live_run(system, scaled_items, args, args.logs)
             except RuntimeError as exc:
                 result = {"failed": str(exc)}
-            if system in TUSK_SYSTEMS:
+            if system not in PEERS:
                 sim = simulate(trace, system, scale, args, profile)
-                result["sim"] = {k: sim[k] for k in ("ttft_p50_s", "ttft_p90_s", "hit_rate", "completed")}
+                keys = ("ttft_p50_s", "ttft_p90_s", "hit_rate", "completed", "disaggregated_fraction")
+                result["sim"] = {k: sim[k] for k in keys}
             systems[system] = result
             shown = {k: v for k, v in result.items() if k not in ("error_kinds",)}
             print(f"  load x{factor} {system}: {json.dumps(shown)}", flush=True)
