@@ -10,7 +10,7 @@ vocabulary order as the reference, so a seeded row picks the same token on eithe
 from __future__ import annotations
 
 import torch
-from tusk.kernels.sampling_core import SamplingBatch, apply_min_p, cdf_dtype, row_uniform
+from tusk.kernels.sampling_core import SamplingBatch, apply_min_p, batch_uniforms, cdf_dtype
 
 TOP_P_CANDIDATES = 1024
 
@@ -30,11 +30,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     k_active = (top_k > 0) & (top_k < vocab) & ~greedy
     p_active = (top_p > 0) & (top_p < 1) & ~greedy
     greedy_rows = greedy.tolist()
-    uniforms = torch.tensor(
-        [0.0 if greedy_rows[row] else row_uniform(batch, row) for row in range(n_rows)],
-        dtype=cdf_dtype(device),
-        device=device,
-    )
+    sampled_rows = [row for row in range(n_rows) if not greedy_rows[row]]
+    values = [0.0] * n_rows
+    for row, value in zip(sampled_rows, batch_uniforms(batch, sampled_rows), strict=True):
+        values[row] = value
+    uniforms = torch.tensor(values, dtype=cdf_dtype(device), device=device)
     filtered = k_active | p_active
     if bool(filtered.all()):
         return _sample_filtered(probs, top_k, top_p, k_active, p_active, uniforms)

@@ -116,3 +116,23 @@ def test_mask_tokens_and_raw_logprobs() -> None:
     assert entries[0].logprob == pytest.approx(float(reference[0, 4]), abs=1e-6)
     assert entries[0].top_ids == torch.topk(reference[0], 3).indices.tolist()
     assert entries[1].top_ids == [] and entries[1].logprob == pytest.approx(float(reference[2, 6]), abs=1e-6)
+
+
+def test_batch_uniforms_match_per_row_draws_without_generators() -> None:
+    from tusk.kernels.sampling_core import batch_uniforms, seeded_uniform
+
+    batch = K.SamplingBatch(
+        temperature=torch.ones(4),
+        top_p=torch.ones(4),
+        top_k=torch.zeros(4, dtype=torch.int32),
+        seeds=[7, None, 2**64 - 1, None],
+        steps=[0, 0, 9, 3],
+    )
+    K.reseed_process_generator(5)
+    first = batch_uniforms(batch, [0, 1, 2, 3])
+    K.reseed_process_generator(5)
+    assert batch_uniforms(batch, [0, 1, 2, 3]) == first  # unseeded rows: reproducible per process seed
+    assert first[0] == row_uniform(batch, 0) == seeded_uniform(7, 0)
+    assert first[2] == row_uniform(batch, 2)
+    values = {seeded_uniform(s, t) for s in range(50) for t in range(50)}
+    assert len(values) == 2500 and all(0.0 <= v < 1.0 for v in values)
