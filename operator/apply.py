@@ -2,16 +2,20 @@
 
 A child is compared with its desired form as a *subset*: the API server adds defaults (container
 ``terminationMessagePath``, Service ``clusterIPs`` ...) that must not count as drift, while any
-field the operator sets and someone changed does. The fix is a JSON merge patch, which replaces
+field the operator sets and someone changed does. Resource quantities are compared by value: the
+server stores them canonicalised ("0.5" comes back as "500m", "2048Mi" as "2Gi"), and a string
+compare would patch every resync and never settle. The fix is a JSON merge patch, which replaces
 lists whole (so a container list is exact) and deletes map keys the operator set earlier but no
 longer wants (``null``), only under the maps it owns outright.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from tusk.operator.desired import GENERATED_KEYS_ANNOTATION
 from tusk.operator.kube import ApiError, Kube
 
 # Maps the operator owns completely: extra keys found there are removed, not kept.
@@ -25,34 +29,68 @@ OWNED_MAPS: dict[str, list[tuple[str, ...]]] = {
     "ConfigMap": [("data",)],
 }
 # Pod-spec lists the operator may stop setting: an absent desired list means "remove".
+# (Only fields the server never fills in by itself: removing a defaulted one would patch forever.)
 OWNED_OPTIONAL = {
     "Deployment": [
-        ("spec", "template", "spec", "initContainers"),
-        ("spec", "template", "spec", "tolerations"),
-        ("spec", "template", "spec", "nodeSelector"),
-        ("spec", "template", "spec", "affinity"),
+        ("spec", "template", "spec", field)
+        for field in (
+            "initContainers",
+            "tolerations",
+            "nodeSelector",
+            "affinity",
+            "imagePullSecrets",
+            "runtimeClassName",
+            "topologySpreadConstraints",
+        )
     ]
 }
+# Kinds whose content the operator writes once: a Secret with generated keys is never compared
+# (the operator does not read Secret data), only created when missing.
+CREATE_ONLY = {"Secret"}
 
 
-def _scalar_equal(desired: Any, live: Any) -> bool:
-    # Quantities come back as strings ("1" for 1); ints and their string form are the same value.
-    return desired == live or (
-        isinstance(desired, int | str) and isinstance(live, int | str) and str(desired) == str(live)
-    )
+# Map keys whose values are resource quantities in the built-in kinds the operator writes
+# (container resources, emptyDir sizeLimit); the server canonicalises exactly these.
+QUANTITY_MAPS = frozenset({"limits", "requests"})
+QUANTITY_FIELDS = frozenset({"sizeLimit"})
 
 
-def is_subset(desired: Any, live: Any) -> bool:
+def quantity_equal(desired: Any, live: Any) -> bool:
+    """Same amount, however written: 0.5 == "500m", "2048Mi" == "2Gi", 1 == "1"."""
+    from kubernetes.utils import parse_quantity
+
+    try:
+        return parse_quantity(desired) == parse_quantity(live)
+    except (ValueError, TypeError, ArithmeticError):
+        return False
+
+
+def _scalar_equal(desired: Any, live: Any, quantity: bool = False) -> bool:
+    if desired == live:
+        return True
+    if quantity:
+        return quantity_equal(desired, live)
+    # int-or-string fields may come back as strings ("1" for 1); that is the same value.
+    return isinstance(desired, int | str) and isinstance(live, int | str) and str(desired) == str(live)
+
+
+def is_subset(desired: Any, live: Any, quantity: bool = False) -> bool:
     """True if every field in ``desired`` has the same value in ``live`` (lists: same length, items subset)."""
     if isinstance(desired, dict):
-        return isinstance(live, dict) and all(k in live and is_subset(v, live[k]) for k, v in desired.items())
+        return isinstance(live, dict) and all(
+            k in live and is_subset(v, live[k], quantity or _quantity_key(k, v)) for k, v in desired.items()
+        )
     if isinstance(desired, list):
         return (
             isinstance(live, list)
             and len(desired) == len(live)
             and all(is_subset(d, item) for d, item in zip(desired, live, strict=True))
         )
-    return _scalar_equal(desired, live)
+    return _scalar_equal(desired, live, quantity)
+
+
+def _quantity_key(key: str, value: Any) -> bool:
+    return key in QUANTITY_FIELDS or (key in QUANTITY_MAPS and isinstance(value, dict))
 
 
 def _get(obj: Any, path: tuple[str, ...]) -> Any:
@@ -118,26 +156,38 @@ class ApplyResult:
         return bool(self.created or self.repaired)
 
 
+def with_generated_keys(desired: dict[str, Any]) -> dict[str, Any]:
+    """The Secret to create: each key named in the generated-keys annotation gets a random value."""
+    keys = (desired["metadata"].get("annotations") or {}).get(GENERATED_KEYS_ANNOTATION)
+    if not keys:
+        return desired
+    values = {key: secrets.token_urlsafe(32) for key in keys.split(",")}
+    return {**desired, "stringData": {**desired.get("stringData", {}), **values}}
+
+
 async def apply_child(kube: Kube, desired: dict[str, Any], owner_uid: str, result: ApplyResult) -> None:
     kind, meta = desired["kind"], desired["metadata"]
     ident = _ident(desired)
-    live = await kube.get(kind, meta["namespace"], meta["name"])
+    create_only = kind in CREATE_ONLY
+    live = await kube.get(kind, meta["namespace"], meta["name"], metadata_only=create_only)
     if live is None:
         try:
-            result.live[ident] = await kube.create(desired)
+            result.live[ident] = await kube.create(with_generated_keys(desired) if create_only else desired)
+            if create_only:
+                result.live[ident] = {"kind": kind, "metadata": result.live[ident].get("metadata", {})}
             result.created.append(ident)
             return
         except ApiError as exc:
             if exc.status != 409:  # created meanwhile (a re-delivered event): fall through to patch
                 raise
-            live = await kube.get(kind, meta["namespace"], meta["name"])
+            live = await kube.get(kind, meta["namespace"], meta["name"], metadata_only=create_only)
             if live is None:
                 raise
     if not owned_by(live, owner_uid):
         result.conflicts.append(ident)
         result.live[ident] = live
         return
-    patch = drift_patch(desired, live)
+    patch = None if create_only else drift_patch(desired, live)
     if patch is None:
         result.unchanged.append(ident)
         result.live[ident] = live
@@ -157,7 +207,10 @@ async def read_children(kube: Kube, children: list[dict[str, Any]]) -> dict[str,
     """Live objects of the desired children that exist (for status while paused or degraded)."""
     live = {}
     for child in children:
-        obj = await kube.get(child["kind"], child["metadata"]["namespace"], child["metadata"]["name"])
+        meta = child["metadata"]
+        obj = await kube.get(
+            child["kind"], meta["namespace"], meta["name"], metadata_only=child["kind"] in CREATE_ONLY
+        )
         if obj is not None:
             live[_ident(child)] = obj
     return live
@@ -168,7 +221,7 @@ async def delete_children(kube: Kube, children: list[dict[str, Any]], owner_uid:
     deleted = []
     for child in reversed(children):
         kind, meta = child["kind"], child["metadata"]
-        live = await kube.get(kind, meta["namespace"], meta["name"])
+        live = await kube.get(kind, meta["namespace"], meta["name"], metadata_only=True)
         if (
             live is not None
             and owned_by(live, owner_uid)
@@ -176,3 +229,44 @@ async def delete_children(kube: Kube, children: list[dict[str, Any]], owner_uid:
         ):
             deleted.append(_ident(child))
     return deleted
+
+
+def rollout_settled(deployment: dict[str, Any] | None) -> bool:
+    """No pod of an older template is left: the Deployment controller saw the latest spec and every
+    replica it counts is updated (a missing Deployment has no pods either)."""
+    if deployment is None:
+        return True
+    status = deployment.get("status") or {}
+    generation = (deployment.get("metadata") or {}).get("generation")
+    observed = status.get("observedGeneration")
+    if generation is not None and (observed is None or observed < generation):
+        return False
+    return int(status.get("updatedReplicas") or 0) >= int(status.get("replicas") or 0)
+
+
+async def prune_configs(
+    kube: Kube,
+    namespace: str,
+    selector: str,
+    owner_uid: str,
+    current: dict[str, str],
+    settled: dict[str, bool],
+) -> list[str]:
+    """Delete this owner's config ConfigMaps that no current template names, once the role they
+    belong to has no pods of an older template left (a restarting old pod still finds its config).
+
+    ``current``: role -> ConfigMap name in use; ``settled``: role -> rollout finished.
+    """
+    pruned = []
+    for config in await kube.list("ConfigMap", namespace, label_selector=selector):
+        meta = config.get("metadata") or {}
+        role = (meta.get("labels") or {}).get("tusk.dev/role")
+        if (
+            role in current
+            and meta.get("name") != current[role]
+            and settled.get(role, False)
+            and owned_by(config, owner_uid)
+            and await kube.delete("ConfigMap", namespace, meta["name"])
+        ):
+            pruned.append(f"ConfigMap {meta['name']}")
+    return pruned

@@ -23,12 +23,17 @@ KINDS: dict[str, tuple[str, str, bool]] = {
     "Service": ("/api/v1", "services", True),
     "Secret": ("/api/v1", "secrets", True),
     "Node": ("/api/v1", "nodes", False),
+    "Pod": ("/api/v1", "pods", True),
     "Deployment": ("/apis/apps/v1", "deployments", True),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases", True),
     "ModelDeployment": ("/apis/tusk.dev/v1alpha1", "modeldeployments", True),
 }
 
 MERGE_PATCH = "application/merge-patch+json"
+# Ask for metadata only (the server then never sends a Secret's data); plain JSON as the fallback.
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 
 @dataclass
@@ -70,11 +75,20 @@ class Kube:
         self.api = api_client
         self.timeout_s = timeout_s
 
-    def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+        query: list[tuple[str, str]] | None = None,
+    ) -> Any:
         method_, url, headers, body_, post = self.api.param_serialize(
             method,
             path,
-            header_params={"Accept": "application/json", "Content-Type": content_type},
+            query_params=query or None,
+            header_params={"Accept": accept, "Content-Type": content_type},
             body=body,
             auth_settings=["BearerToken"],
         )
@@ -95,21 +109,49 @@ class Kube:
         return json.loads(data) if data else None
 
     async def call(
-        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+        query: list[tuple[str, str]] | None = None,
     ) -> Any:
-        return await asyncio.to_thread(self._call, method, path, body, content_type)
+        return await asyncio.to_thread(self._call, method, path, body, content_type, accept, query)
 
-    async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
-        """The object, or None when it does not exist."""
+    async def get(
+        self, kind: str, namespace: str | None, name: str, metadata_only: bool = False
+    ) -> dict[str, Any] | None:
+        """The object (only its metadata when asked), or None when it does not exist."""
         try:
-            return await self.call("GET", path_for(kind, namespace, name))
+            found = await self.call(
+                "GET",
+                path_for(kind, namespace, name),
+                accept=METADATA_ONLY if metadata_only else "application/json",
+            )
         except ApiError as exc:
             if exc.status == 404:
                 return None
             raise
+        if metadata_only and isinstance(found, dict):
+            # A server that ignores the metadata-only request sends the whole object: keep only the
+            # metadata, so no caller ever holds Secret data.
+            return {"kind": kind, "metadata": found.get("metadata") or {}}
+        return found
 
-    async def list(self, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
-        return (await self.call("GET", path_for(kind, namespace)) or {}).get("items", [])
+    async def list(
+        self, kind: str, namespace: str | None = None, label_selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        query = [("labelSelector", label_selector)] if label_selector else None
+        items = (await self.call("GET", path_for(kind, namespace), query=query) or {}).get("items", [])
+        if label_selector:  # servers honour the selector; filtering again costs nothing
+            wanted = dict(part.split("=", 1) for part in label_selector.split(","))
+            items = [
+                item
+                for item in items
+                if wanted.items() <= ((item.get("metadata") or {}).get("labels") or {}).items()
+            ]
+        return items
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         return await self.call("POST", path_for(obj["kind"], obj["metadata"].get("namespace")), obj)

@@ -110,41 +110,52 @@ def peering_crds() -> list[dict[str, Any]]:
     ]
 
 
-_CHILD_VERBS = ["get", "list", "watch", "create", "patch", "update", "delete"]
+# What apply.py calls on every child kind: read one, create, merge-patch drift, delete when pruned.
+_CHILD_VERBS = ["get", "create", "patch", "delete"]
 
 
 def rbac_rules() -> list[dict[str, Any]]:
-    """ClusterRole rules: exactly what the handlers and kopf itself call, nothing more."""
+    """The operator's rules: exactly the calls the handlers, apply.py and kopf make, nothing more
+    (tests/operator/test_operator_rbac.py records every call against the emulator and compares).
+
+    Leader election's Lease (get, create, update) is not here: it lives in one namespace and the
+    chart grants it with a Role there, never cluster-wide.
+    """
     return [
-        # The custom resource: watched, its status and kopf's finalizer/annotations patched.
+        # The custom resource: kopf watches it and patches its finalizer and annotations; a child
+        # event re-reads its owner.
         {
             "apiGroups": [schema.GROUP],
             "resources": [schema.PLURAL],
-            "verbs": ["get", "list", "watch", "patch", "update"],
+            "verbs": ["get", "list", "watch", "patch"],
         },
-        {
-            "apiGroups": [schema.GROUP],
-            "resources": [f"{schema.PLURAL}/status"],
-            "verbs": ["get", "patch", "update"],
-        },
-        # ownerReferences with blockOwnerDeletion need update on the owner's finalizers.
+        {"apiGroups": [schema.GROUP], "resources": [f"{schema.PLURAL}/status"], "verbs": ["patch"]},
+        # ownerReferences with blockOwnerDeletion need update on the owner's finalizers (admission).
         {"apiGroups": [schema.GROUP], "resources": [f"{schema.PLURAL}/finalizers"], "verbs": ["update"]},
-        # Children.
-        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": _CHILD_VERBS},
-        {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": _CHILD_VERBS},
+        # Children. Deployments are also watched (status follows rollouts); config ConfigMaps are
+        # listed by label to prune the ones no pod template names any more.
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": [*_CHILD_VERBS, "list", "watch"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": [*_CHILD_VERBS, "list"]},
+        {"apiGroups": [""], "resources": ["services"], "verbs": _CHILD_VERBS},
         {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": _CHILD_VERBS},
-        # Pre-flight checks: referenced Secrets exist (never read their data), the cluster has the accelerator.
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": _CHILD_VERBS},
+        # Secrets: existence checks read metadata only; the managed tier's password Secret is created
+        # once (the garbage collector removes it with its owner). Never list, watch or update.
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
+        # Worker pods, read-only: ImagePullBackOff, CrashLoopBackOff ... become Degraded reasons.
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+        # Pre-flight: does any node offer the accelerator (a warning only).
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
-        # Events for every action and error (kopf posts core/v1 Events).
-        {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-        # kopf's runtime: resource discovery follow-ups, namespace observation and peering.
+        # Events for every action and problem (kopf posts core/v1 Events).
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        # kopf's runtime: it watches CRDs (resources appearing) and, namespace-scoped, namespaces.
         {
             "apiGroups": ["apiextensions.k8s.io"],
             "resources": ["customresourcedefinitions"],
             "verbs": ["list", "watch"],
         },
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+        # kopf peering, only with --peering-name (without --leader-elect).
         {
             "apiGroups": ["kopf.dev"],
             "resources": ["clusterkopfpeerings", "kopfpeerings"],

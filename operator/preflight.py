@@ -1,27 +1,36 @@
-"""Checks for specs that pass the schema but cannot work in this cluster.
+"""Checks for specs that pass the schema but cannot work, or not yet, in this cluster.
 
-A missing Secret or an accelerator no node offers would otherwise show up as pods stuck in
-``CreateContainerConfigError`` or ``Pending`` with nothing on the ModelDeployment itself. Each
-problem becomes a Degraded reason with a message that says what to fix; the operator then leaves
-the running children as they are instead of rolling them onto something that cannot start.
+A missing Secret or a volume mount naming no volume would otherwise show up as pods stuck in
+``CreateContainerConfigError`` or a Deployment the server refuses, with nothing on the
+ModelDeployment itself. Such a *blocking* problem becomes a Degraded reason with a message that says
+what to fix, and the operator leaves the running children as they are. An accelerator that no
+node offers today is only a *warning*: clusters that scale GPU node pools from zero
+(cluster-autoscaler, Karpenter, GKE NAP) add the node only once a pod is Pending, so the children
+are created anyway and the warning shows in its own condition.
 """
 
 from __future__ import annotations
 
-import base64
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from tusk.operator.desired import ACCELERATOR_RESOURCES, WORKER_ROLES
+from tusk.operator.desired import ACCELERATORS, RESERVED_VOLUMES, WORKER_ROLES
 from tusk.operator.kube import ApiError, Kube
-from tusk.operator.spec import ModelDeploymentSpec, SecretRef
+from tusk.operator.spec import ModelDeploymentSpec, RoleSpec, SecretRef
 
 
 @dataclass(frozen=True)
 class Problem:
     reason: str  # CamelCase, for the condition and the Event
     message: str
+    # "block": Degraded, children left as they are; "degrade": Degraded, children still applied
+    # (a failing pod must not stop the fix from rolling out); "warn": its own condition only.
+    severity: str = "block"
+
+    @property
+    def blocking(self) -> bool:
+        return self.severity == "block"
 
 
 def _quantity(value: Any) -> float:
@@ -65,27 +74,52 @@ class NodeCapacity:
 
 
 async def _check_secret(kube: Kube, namespace: str, ref: SecretRef, field: str) -> Problem | None:
+    """Existence only, from the Secret's metadata: the operator never reads Secret data. A missing
+    key shows up later as the pod's CreateContainerConfigError, which status reports too."""
     try:
-        secret = await kube.get("Secret", namespace, ref.name)
+        secret = await kube.get("Secret", namespace, ref.name, metadata_only=True)
     except ApiError as exc:
         if exc.status in (401, 403):
             return None  # cannot check; the pod will report it
         raise
     if secret is None:
         return Problem("SecretNotFound", f"{field}: Secret {ref.name!r} not found in namespace {namespace!r}")
-    keys = set((secret.get("data") or {}).keys()) | set((secret.get("stringData") or {}).keys())
-    if ref.key not in keys:
-        return Problem("SecretKeyNotFound", f"{field}: Secret {ref.name!r} has no key {ref.key!r}")
-    value = (secret.get("data") or {}).get(ref.key)
-    if value is not None and not base64.b64decode(value or ""):
-        return Problem("SecretKeyEmpty", f"{field}: key {ref.key!r} of Secret {ref.name!r} is empty")
     return None
+
+
+def _role_problems(role: str, role_spec: RoleSpec) -> list[Problem]:
+    problems = []
+    names = [v.get("name") for v in role_spec.volumes]
+    clashes = sorted({n for n in names if n in RESERVED_VOLUMES} | {n for n in names if names.count(n) > 1})
+    if clashes:
+        problems.append(
+            Problem(
+                "InvalidVolumes",
+                f"spec.{role}.volumes: names {clashes} are duplicated or used by the operator "
+                f"({', '.join(sorted(RESERVED_VOLUMES))})",
+            )
+        )
+    known = set(names) | RESERVED_VOLUMES
+    missing = sorted({m.get("name") for m in role_spec.volume_mounts if m.get("name") not in known}, key=str)
+    if missing:
+        problems.append(
+            Problem(
+                "InvalidVolumes",
+                f"spec.{role}.volumeMounts: no volume named {missing} in spec.{role}.volumes",
+            )
+        )
+    return problems
+
+
+def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
+    """What the schema cannot see but the API server or the kubelet would refuse (pure)."""
+    return [p for role in WORKER_ROLES for p in _role_problems(role, getattr(spec, role))]
 
 
 async def check(
     kube: Kube, capacity: NodeCapacity, namespace: str, spec: ModelDeploymentSpec
 ) -> list[Problem]:
-    problems: list[Problem] = []
+    problems: list[Problem] = spec_problems(spec)
     if spec.model.token_secret_ref is not None:
         problem = await _check_secret(kube, namespace, spec.model.token_secret_ref, "model.tokenSecretRef")
         if problem:
@@ -96,20 +130,22 @@ async def check(
         if problem:
             problems.append(problem)
     wanted = [(role, getattr(spec, role)) for role in WORKER_ROLES if getattr(spec, role).replicas > 0]
-    if any(ACCELERATOR_RESOURCES[role_spec.accelerator] for _, role_spec in wanted):
+    if any(ACCELERATORS[role_spec.accelerator].resource for _, role_spec in wanted):
         available = await capacity.max_allocatable()
         for role, role_spec in wanted:
-            device = ACCELERATOR_RESOURCES[role_spec.accelerator]
+            device = ACCELERATORS[role_spec.accelerator].resource
             if device is None or available is None:
                 continue
-            have = available.get(device[0], 0.0)
+            have = available.get(device, 0.0)
             if have < role_spec.accelerators_per_replica:
-                detail = "no node offers it" if have == 0 else f"the largest node offers {have:g}"
+                detail = "no node offers it now" if have == 0 else f"the largest node offers {have:g}"
                 problems.append(
                     Problem(
                         "AcceleratorUnavailable",
                         f"{role}: accelerator {role_spec.accelerator!r} needs "
-                        f"{role_spec.accelerators_per_replica} x {device[0]} per pod, but {detail}",
+                        f"{role_spec.accelerators_per_replica} x {device} per pod, but {detail}; "
+                        "the pods stay Pending until a node with it joins (a node autoscaler adds one)",
+                        severity="warn",
                     )
                 )
     return problems

@@ -30,10 +30,57 @@ class Observation:
     owner: Owner
     spec: ModelDeploymentSpec | None  # None when the spec does not parse
     live: dict[str, dict[str, Any]]  # "Kind name" -> live child
-    problems: list[Problem]
+    problems: list[Problem]  # every severity: block, degrade and warn
     conflicts: list[str]
     changed: bool  # children were created or patched by this pass
     router_url: str | None = None
+
+
+# Container waiting reasons that mean the pod will not serve without a change (kubelet's names).
+FAILING_CONTAINER_REASONS = (
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+)
+
+
+def pod_problems(pods: list[dict[str, Any]]) -> list[Problem]:
+    """Failing worker pods as Degraded reasons (one per reason, naming the first pod and container),
+    and pods the scheduler cannot place as a warning: the model stays up to date either way."""
+    found: dict[str, Problem] = {}
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name") or ""):
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        role = (meta.get("labels") or {}).get("tusk.dev/role", "pod")
+        containers = (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+        for container in containers:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in FAILING_CONTAINER_REASONS and reason not in found:
+                detail = waiting.get("message") or reason
+                found[reason] = Problem(
+                    reason,
+                    f"{role} pod {meta.get('name')}, container {container.get('name')}: {detail}"[:400],
+                    severity="degrade",
+                )
+        for cond in status.get("conditions") or []:
+            if (
+                cond.get("type") == "PodScheduled"
+                and cond.get("status") == "False"
+                and cond.get("reason") == "Unschedulable"
+                and "Unschedulable" not in found
+            ):
+                found["Unschedulable"] = Problem(
+                    "Unschedulable",
+                    f"{role} pod {meta.get('name')}: {cond.get('message') or 'no node fits'}"[:400],
+                    severity="warn",
+                )
+    return list(found.values())
 
 
 def now_iso() -> str:
@@ -91,7 +138,9 @@ def _condition(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]
 
 
 def conditions(obs: Observation, prefill: dict[str, Any], decode: dict[str, Any]) -> list[dict[str, Any]]:
-    problems = list(obs.problems)
+    warnings = [p for p in obs.problems if p.severity == "warn"]
+    blocking = [p for p in obs.problems if p.blocking]
+    problems = [p for p in obs.problems if p.severity != "warn"]
     if obs.conflicts:
         problems.append(
             Problem(
@@ -108,6 +157,8 @@ def conditions(obs: Observation, prefill: dict[str, Any], decode: dict[str, Any]
         ready = _condition("Ready", True, "Serving", f"{decode['readyReplicas']} decode worker(s) ready")
     elif obs.spec is None:
         ready = _condition("Ready", False, "InvalidSpec", "the spec cannot be served")
+    elif obs.spec.decode.replicas == 0:
+        ready = _condition("Ready", False, "ScaledToZero", "decode.replicas is 0: no worker serves the model")
     else:
         ready = _condition(
             "Ready", False, "NoDecodeWorkerReady", "waiting for a decode worker to become ready"
@@ -117,7 +168,7 @@ def conditions(obs: Observation, prefill: dict[str, Any], decode: dict[str, Any]
         progressing = _condition(
             "Progressing", False, "Paused", "spec.paused is true: children are not changed"
         )
-    elif obs.spec is None or obs.problems:
+    elif obs.spec is None or blocking:
         progressing = _condition("Progressing", False, "Blocked", "fix the Degraded reason to continue")
     else:
         pending = [role for role in ("prefill", "decode") if _rollout_pending(obs, role)]
@@ -133,7 +184,13 @@ def conditions(obs: Observation, prefill: dict[str, Any], decode: dict[str, Any]
         )
     else:
         degraded = _condition("Degraded", False, "AsExpected", "no problems found")
-    return [ready, progressing, degraded]
+    if warnings:
+        scheduling = _condition(
+            "Schedulable", False, warnings[0].reason, "; ".join(f"{p.reason}: {p.message}" for p in warnings)
+        )
+    else:
+        scheduling = _condition("Schedulable", True, "NoProblemFound", "no scheduling problem found")
+    return [ready, progressing, degraded, scheduling]
 
 
 def _carry_transition_times(new: list[dict[str, Any]], old: list[dict[str, Any]], now: str) -> None:
@@ -146,10 +203,13 @@ def _carry_transition_times(new: list[dict[str, Any]], old: list[dict[str, Any]]
 
 def phase(conds: list[dict[str, Any]], paused: bool) -> str:
     by_type = {c["type"]: c["status"] == "True" for c in conds}
+    ready_reason = next((c["reason"] for c in conds if c["type"] == "Ready"), "")
     if by_type.get("Degraded"):
         return "Degraded"
     if paused:
         return "Paused"
+    if ready_reason == "ScaledToZero" and not by_type.get("Progressing"):
+        return "ScaledToZero"
     if by_type.get("Ready") and not by_type.get("Progressing"):
         return "Ready"
     if by_type.get("Progressing"):

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import copy
 import datetime
+import decimal
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +23,55 @@ import aiohttp.web
 import jsonpatch
 import jsonpointer
 import kmock
+import kubernetes.utils
 from kmock._internal import dicts, enums
+
+_BINARY = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+_DECIMAL = {-9: "n", -6: "u", -3: "m", 0: "", 3: "k", 6: "M", 9: "G", 12: "T", 15: "P", 18: "E"}
+
+
+def canonical_quantity(value: Any) -> str:
+    """A quantity as the API server stores it (resource.Quantity's canonical form).
+
+    The format follows the suffix written (binary Ki..Ei, decimal exponent e/E, else decimal SI);
+    binary amounts below 1024 or with a fraction fall back to decimal SI; the mantissa is the
+    smallest integer with the largest exponent (a multiple of 3, or a power of 1024). So "0.5"
+    becomes "500m", "2048Mi" "2Gi", "1.5Gi" "1536Mi", 1000 "1k" and 2 "2".
+    """
+    text = str(value).strip()
+    amount = decimal.Decimal(kubernetes.utils.parse_quantity(text))
+    binary = text.endswith(tuple(_BINARY[1:]))
+    exponent_format = not binary and any(c in text for c in "eE") and not text.endswith("E")
+    if binary and abs(amount) >= 1024 and amount == amount.to_integral_value():
+        whole, power = int(amount), 0
+        while power < 6 and whole % 1024 == 0 and whole != 0:
+            whole, power = whole // 1024, power + 1
+        return f"{whole}{_BINARY[power]}"
+    # Decimal: round up to nano units, then take the largest exponent (multiple of 3) that stays whole.
+    nanos = int((amount * 10**9).to_integral_value(rounding=decimal.ROUND_CEILING))
+    exponent = -9
+    while nanos != 0 and nanos % 1000 == 0 and exponent < 18:
+        nanos, exponent = nanos // 1000, exponent + 3
+    if exponent_format:
+        return f"{nanos}e{exponent}" if exponent else str(nanos)
+    return f"{nanos}{_DECIMAL[exponent]}"
+
+
+def canonicalise_quantities(obj: Any, quantity: bool = False) -> Any:
+    """Rewrite container resources and emptyDir sizeLimits in place, as the server does on write."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if value is None:
+                continue
+            if quantity or key == "sizeLimit":
+                obj[key] = canonical_quantity(value) if not isinstance(value, dict | list) else value
+            else:
+                canonicalise_quantities(value, key in ("limits", "requests") and isinstance(value, dict))
+    elif isinstance(obj, list):
+        for item in obj:
+            canonicalise_quantities(item)
+    return obj
+
 
 # Resources whose status is a subresource: writes to the main resource ignore status, /status
 # writes change only status (as the API server does for CRDs with subresources.status).
@@ -35,6 +84,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.creations: list[tuple[Any, str | None, str | None]] = []
+        # Every write: (action, resource, namespace, name, bearer token) - who changed what.
+        self.writes: list[tuple[str, str, str | None, str | None, str]] = []
+        # Every call as RBAC sees it: (verb, API group, resource[/subresource], bearer token).
+        self.calls: set[tuple[str, str, str, str]] = set()
 
     def _next_version(self) -> str:
         self._last_version += 1
@@ -77,6 +130,12 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                     status=422, reason="Invalid", message=f"the patch failed: {exc}"
                 ) from None
         elif isinstance(patch, dict):
+            expected = (patch.get("metadata") or {}).get("resourceVersion")
+            if expected is not None and expected != current.get("metadata", {}).get("resourceVersion"):
+                # A resourceVersion in a patch is a precondition (optimistic concurrency).
+                raise kmock.KubernetesError(
+                    status=409, reason="Conflict", message="the object has been modified; please retry"
+                )
             if status_only:
                 keep = (
                     (lambda k: k == "status")
@@ -102,6 +161,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         observer lists and watches it in namespace-scoped mode)."""
         if raw_request.path.rstrip("/") != "/api/v1/namespaces":
             return await super().__call__(raw_request)
+        watching = raw_request.query.get("watch") in ("true", "1")
+        token = (raw_request.headers.get("Authorization") or "").removeprefix("Bearer ")
+        self.calls.add(("watch" if watching else "list", "", "namespaces", token))
         names = sorted({ns for (_, ns, _), obj in self.objects.items() if ns and not obj.deleted})
         items = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in names]
         if raw_request.query.get("watch") not in ("true", "1"):
@@ -153,12 +215,74 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         finally:
             await bus.unmark(marker)
 
+    async def _replace(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """PUT on a named object (kmock 0.8 routes none): a whole-object update whose
+        metadata.resourceVersion is a precondition, as the API server does it (leader election)."""
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                raise kmock.KubernetesError(
+                    status=404, reason="NotFound", message=f"{request.name} not found"
+                )
+            obj, new = self.objects[key], copy.deepcopy(request.data)
+            current = obj.raw
+            meta = current.get("metadata", {})
+            expected = (new.get("metadata") or {}).get("resourceVersion")
+            if expected is not None and expected != meta.get("resourceVersion"):
+                raise kmock.KubernetesError(
+                    status=409, reason="Conflict", message="the object has been modified; please retry"
+                )
+            new["metadata"] = {
+                **(new.get("metadata") or {}),
+                **{k: meta[k] for k in ("uid", "creationTimestamp", "namespace", "name") if k in meta},
+                "resourceVersion": self._next_version(),
+                "generation": int(meta.get("generation") or 1) + (new.get("spec") != current.get("spec")),
+            }
+            obj.patch({k: None for k in current if k != "metadata"})
+            obj.patch(new)
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
+            return aiohttp.web.json_response(obj.raw)
+
     async def _handle(self, request: kmock.Request) -> Any:
         # kmock matches each request against its whole request log (quadratic: 100 objects took
         # minutes); only recent requests can still be in flight, so the log is kept short and
         # creations are recorded separately for the duplicate checks.
         del self._requests[:-64]
+        if request.resource is not None and request.resource.plural:
+            verb = _VERBS.get(request.action, "update" if request.method == enums.method.PUT else "?")
+            if request.action == enums.action.UPDATE and request.method == enums.method.PUT:
+                verb = "update"
+            plural = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+            token = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
+            self.calls.add((verb, request.resource.group or "", plural, token))
+        if request.method == enums.method.PUT and request.resource is not None and request.name:
+            token = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
+            self.writes.append(
+                ("REPLACE", _resource_id(request.resource), request.namespace, request.name, token)
+            )
+            return await self._replace(request)
+        if request.resource is not None and request.action in (
+            enums.action.CREATE,
+            enums.action.UPDATE,
+            enums.action.DELETE,
+        ):
+            token = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
+            name = request.name
+            if name is None and isinstance(request.data, dict):
+                name = (request.data.get("metadata") or {}).get("name")
+            self.writes.append(
+                (
+                    str(request.action.name),
+                    _resource_id(request.resource),
+                    request.namespace,
+                    name,
+                    token,
+                )
+            )
         if request.resource is not None:
+            if request.resource.group != "tusk.dev" and isinstance(request.data, dict | list):
+                # Custom resources keep what was written; built-in kinds store canonical quantities.
+                canonicalise_quantities(request.data)
             if request.action == enums.action.CREATE:
                 self._stamp_create(request)
                 if isinstance(request.data, dict):
@@ -168,6 +292,23 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 async with self._lock:
                     self._stamp_update(request)
         return await super()._handle(request)
+
+
+_VERBS = {
+    enums.action.LIST: "list",
+    enums.action.WATCH: "watch",
+    enums.action.FETCH: "get",
+    enums.action.CREATE: "create",
+    enums.action.UPDATE: "patch",
+    enums.action.DELETE: "delete",
+}
+
+
+def _resource_id(resource: Any) -> str:
+    group = resource.group
+    return (
+        f"{group}/{resource.version}/{resource.plural}" if group else f"{resource.version}/{resource.plural}"
+    )
 
 
 def declare_resources(emulator: ClusterEmulator) -> None:
@@ -180,4 +321,11 @@ def declare_resources(emulator: ClusterEmulator) -> None:
         shortnames={"md"},
         verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
         subresources={"status", "scale"},
+    )
+    # Leader election's Lease (bundled with kmock's built-ins today; declared so it stays).
+    emulator.resources["coordination.k8s.io/v1/leases"] = kmock.ResourceInfo(
+        kind="Lease",
+        singular="lease",
+        namespaced=True,
+        verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
     )

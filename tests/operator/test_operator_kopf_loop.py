@@ -9,9 +9,10 @@ from operator_harness import Cluster, OperatorThread, eventually
 
 SPEC = {"model": {"source": "hf://org/model"}, "prefill": {"replicas": 1}, "decode": {"replicas": 2}}
 CHILDREN = [
-    ("v1/configmaps", "m1-config"),
+    ("v1/secrets", "m1-kv-auth"),
     ("apps/v1/deployments", "m1-kv"),
     ("v1/services", "m1-kv"),
+    ("networking.k8s.io/v1/networkpolicies", "m1-kv"),
     ("v1/services", "m1-prefill"),
     ("apps/v1/deployments", "m1-prefill"),
     ("policy/v1/poddisruptionbudgets", "m1-prefill"),
@@ -19,6 +20,16 @@ CHILDREN = [
     ("apps/v1/deployments", "m1-decode"),
     ("policy/v1/poddisruptionbudgets", "m1-decode"),
 ]
+
+
+def config_of(cluster: Cluster, deployment_name: str, namespace: str = "default") -> dict | None:
+    """The ConfigMap a worker Deployment mounts (it is named by its content)."""
+    deployment = cluster.deployment(deployment_name, namespace)
+    if deployment is None:
+        return None
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    name = next(v["configMap"]["name"] for v in volumes if "configMap" in v)
+    return cluster.get("v1/configmaps", namespace, name)
 
 
 async def test_create_makes_every_child_with_owner_and_status(cluster: Cluster, operator) -> None:
@@ -30,6 +41,12 @@ async def test_create_makes_every_child_with_owner_and_status(cluster: Cluster, 
         )
         assert child["metadata"]["ownerReferences"][0]["uid"] == uid
         assert child["metadata"]["labels"]["tusk.dev/model"] == "m1"
+    for role in ("prefill", "decode"):
+        config = await eventually(lambda r=role: config_of(cluster, f"m1-{r}"), what=f"{role} config")
+        assert config["metadata"]["ownerReferences"][0]["uid"] == uid
+    # The generated tier password is created once and never read back.
+    secret = cluster.get("v1/secrets", "default", "m1-kv-auth")
+    assert len(secret["stringData"]["password"]) >= 32
     status = await eventually(
         lambda: (cluster.md("m1") or {}).get("status", {}).get("conditions") and cluster.md("m1")["status"]
     )
@@ -61,21 +78,25 @@ async def test_ready_when_workers_report_ready(cluster: Cluster, operator) -> No
 
 async def test_update_rolls_workers_and_scale_changes_replicas(cluster: Cluster, operator) -> None:
     await cluster.create_md("m1", SPEC)
-    first = await eventually(lambda: cluster.deployment("m1-decode"))
-    old_hash = first["spec"]["template"]["metadata"]["annotations"]["tusk.dev/config-hash"]
+    old = await eventually(lambda: config_of(cluster, "m1-decode"))
 
-    # A new model version: the config changes, so the pod template hash changes (a rolling update).
+    # A new model version: a new ConfigMap, so the pod template changes (a rolling update).
     await cluster.patch_md("m1", {"spec": {"model": {"source": "hf://org/model@v2"}}})
-
-    def rolled() -> bool:
-        annotations = cluster.deployment("m1-decode")["spec"]["template"]["metadata"]["annotations"]
-        return annotations["tusk.dev/config-hash"] != old_hash
-
-    await eventually(rolled, what="new config hash")
+    await eventually(
+        lambda: config_of(cluster, "m1-decode")["metadata"]["name"] != old["metadata"]["name"],
+        what="new config",
+    )
     decode = cluster.deployment("m1-decode")
-    assert decode["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    config = cluster.get("v1/configmaps", "default", "m1-config")
-    assert "hf://org/model@v2" in config["data"]["decode.json"]
+    assert decode["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    assert "hf://org/model@v2" in config_of(cluster, "m1-decode")["data"]["worker.json"]
+    # The old config stays while old pods may still restart, and goes once the rollout is over.
+    assert cluster.get("v1/configmaps", "default", old["metadata"]["name"]) is not None
+    cluster.set_ready("m1-decode")
+    cluster.set_ready("m1-prefill")
+    await eventually(
+        lambda: cluster.get("v1/configmaps", "default", old["metadata"]["name"]) is None,
+        what="old config pruned",
+    )
 
     # kubectl scale md/m1 --replicas=4 writes spec.decode.replicas through the scale subresource.
     await cluster.patch_md("m1", {"spec": {"decode": {"replicas": 4}}})
@@ -83,13 +104,12 @@ async def test_update_rolls_workers_and_scale_changes_replicas(cluster: Cluster,
     await eventually(
         lambda: cluster.md("m1")["status"]["observedGeneration"] == 3, what="observedGeneration 3"
     )
-    assert cluster.md("m1")["status"]["decode"]["ready"] == "0/4"
+    assert cluster.md("m1")["status"]["decode"]["ready"] == "2/4"  # two were set ready above
 
 
 async def test_drift_is_repaired(cluster: Cluster, operator) -> None:
     await cluster.create_md("m1", SPEC)
-    await eventually(lambda: cluster.get("v1/configmaps", "default", "m1-config"))
-    await eventually(lambda: cluster.deployment("m1-decode"))
+    config = await eventually(lambda: config_of(cluster, "m1-decode"))
     # Someone edits children by hand: replicas, the worker image, and a config value.
     await cluster.request(
         "PATCH",
@@ -102,21 +122,14 @@ async def test_drift_is_repaired(cluster: Cluster, operator) -> None:
         },
         "application/merge-patch+json",
     )
-    await cluster.request(
-        "PATCH",
-        "/api/v1/namespaces/default/configmaps/m1-config",
-        {"data": {"decode.json": "{}", "extra.json": "{}"}},
-        "application/merge-patch+json",
-    )
+    await cluster.request("DELETE", f"/api/v1/namespaces/default/configmaps/{config['metadata']['name']}")
 
     def repaired() -> bool:
         decode = cluster.deployment("m1-decode")
-        config = cluster.get("v1/configmaps", "default", "m1-config")
         return (
             decode["spec"]["replicas"] == 2
             and decode["spec"]["template"]["spec"]["containers"][0]["image"] == "tusk-test:1"
-            and config["data"]["decode.json"] != "{}"
-            and "extra.json" not in config["data"]
+            and config_of(cluster, "m1-decode") is not None
         )
 
     await eventually(repaired, what="drift repaired")
@@ -137,7 +150,9 @@ async def test_delete_removes_children(cluster: Cluster, operator) -> None:
     await cluster.delete_md("m1")
     await eventually(lambda: cluster.md("m1") is None, what="ModelDeployment gone (finalizer released)")
     for resource, name in CHILDREN:
-        assert cluster.get(resource, "default", name) is None, (resource, name)
+        if resource != "v1/secrets":  # the generated Secret goes with the garbage collector
+            assert cluster.get(resource, "default", name) is None, (resource, name)
+    assert not [c for c in cluster.live_objects("v1/configmaps") if c["metadata"]["name"].startswith("m1-")]
     await eventually(lambda: any(e["reason"] == "Deleted" for e in cluster.events("m1")), what="event")
 
 
@@ -149,8 +164,9 @@ async def test_switching_to_external_tier_prunes_managed_tier(cluster: Cluster, 
     )
     await eventually(lambda: cluster.deployment("m1-kv") is None, what="managed tier pruned")
     assert cluster.get("v1/services", "default", "m1-kv") is None
-    assert (
-        "redis://shared:6379/0" in cluster.get("v1/configmaps", "default", "m1-config")["data"]["decode.json"]
+    assert cluster.get("networking.k8s.io/v1/networkpolicies", "default", "m1-kv") is None
+    await eventually(
+        lambda: "redis://shared:6379/0" in config_of(cluster, "m1-decode")["data"]["worker.json"]
     )
 
 
@@ -182,10 +198,15 @@ async def test_bad_objects_degrade_alone(cluster: Cluster, operator) -> None:
         "nosecret", {**SPEC, "model": {"source": "hf://org/m", "tokenSecretRef": {"name": "hf"}}}
     )
     await cluster.create_md("nogpu", {**SPEC, "decode": {"replicas": 1, "accelerator": "amd"}})
+    await cluster.create_md(
+        "badmount", {**SPEC, "decode": {"replicas": 1, "volumeMounts": [{"name": "x", "mountPath": "/x"}]}}
+    )
     await cluster.create_md("invalid", {"model": {"source": "ftp://nope"}, "decode": {"replicas": 0}})
     await cluster.create_md("after", SPEC)
 
-    for name in ("good", "after"):
+    # No node offers the GPU yet: a warning, and the workers are still created (a node autoscaler
+    # adds GPU nodes only for Pending pods).
+    for name in ("good", "after", "nogpu"):
         await eventually(lambda n=name: cluster.deployment(f"{n}-decode"), what=f"{name} reconciled")
 
     def degraded(name: str, reason: str) -> bool:
@@ -193,15 +214,23 @@ async def test_bad_objects_degrade_alone(cluster: Cluster, operator) -> None:
         return bool(cond and cond["status"] == "True" and cond["reason"] == reason)
 
     await eventually(lambda: degraded("nosecret", "SecretNotFound"), what="nosecret degraded")
-    await eventually(lambda: degraded("nogpu", "AcceleratorUnavailable"), what="nogpu degraded")
     await eventually(lambda: degraded("invalid", "InvalidSpec"), what="invalid degraded")
+    await eventually(lambda: degraded("badmount", "InvalidVolumes"), what="badmount degraded")
+    await eventually(
+        lambda: (cluster.condition("nogpu", "Schedulable") or {}).get("reason") == "AcceleratorUnavailable",
+        what="nogpu warned",
+    )
+    assert cluster.condition("nogpu", "Schedulable")["status"] == "False"
+    assert "amd.com/gpu" in cluster.condition("nogpu", "Schedulable")["message"]
+    assert cluster.condition("nogpu", "Degraded")["status"] == "False"
     assert "Secret 'hf' not found" in cluster.condition("nosecret", "Degraded")["message"]
-    assert "amd.com/gpu" in cluster.condition("nogpu", "Degraded")["message"]
+    assert "spec.decode.volumeMounts" in cluster.condition("badmount", "Degraded")["message"]
     invalid_message = cluster.condition("invalid", "Degraded")["message"]
-    assert "spec.model.source: 'ftp://nope' is not valid: use tiny, hf://" in invalid_message
-    # Broken objects get no workers, and a warning Event each.
-    for name in ("nosecret", "nogpu", "invalid"):
+    assert "spec.model.source: 'ftp://nope' is not valid" in invalid_message and "hf://" in invalid_message
+    # Broken objects get no workers; every problem gets a warning Event.
+    for name in ("nosecret", "invalid", "badmount"):
         assert cluster.deployment(f"{name}-decode") is None
+    for name in ("nosecret", "nogpu", "invalid", "badmount"):
         await eventually(
             lambda n=name: any(e["type"] == "Warning" for e in cluster.events(n)), what=f"{name} event"
         )
@@ -228,13 +257,12 @@ async def test_accelerator_present_on_a_node_is_accepted(cluster: Cluster, opera
             "status": {"allocatable": {"nvidia.com/gpu": "8"}},
         },
     )
-    await cluster.create_md(
-        "gpu", {**SPEC, "decode": {"replicas": 1, "accelerator": "nvidia", "acceleratorsPerReplica": 2}}
-    )
+    await cluster.create_md("gpu", {**SPEC, "decode": {"replicas": 1, "accelerator": "nvidia"}})
     decode = await eventually(lambda: cluster.deployment("gpu-decode"))
     container = decode["spec"]["template"]["spec"]["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
-    assert decode["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.present"] == "true"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # stored canonical
+    assert "nodeSelector" not in decode["spec"]["template"]["spec"]
+    await eventually(lambda: (cluster.condition("gpu", "Schedulable") or {}).get("status") == "True")
 
 
 async def test_paused_stops_changes(cluster: Cluster, operator) -> None:

@@ -94,7 +94,7 @@ def test_rbac_is_least_privilege() -> None:
         for group in rule["apiGroups"]
         for resource in rule["resources"]
     }
-    assert flat["", "secrets"] == {"get"}  # existence checks only: no list/watch of Secrets
+    assert flat["", "secrets"] == {"get", "create"}  # metadata-only checks; the tier password
     assert flat["", "nodes"] == {"list"}
     assert "delete" not in flat[schema.GROUP, schema.PLURAL]
     assert flat["apps", "deployments"] >= {"get", "create", "patch", "delete"}
