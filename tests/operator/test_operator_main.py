@@ -15,9 +15,9 @@ from operator_harness import Cluster, eventually
 from tusk.kvserver import free_port
 
 
-def _healthy(port: int) -> bool:
+def _healthy(port: int, path: str = "/healthz") -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
             return response.status == 200
     except OSError:
         return False
@@ -58,6 +58,7 @@ async def test_operator_process_reconciles_its_scope_and_stops_cleanly(
             lambda: cluster.deployment("mine-decode", "team-a"), timeout=60, what="reconciled"
         )
         assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "tusk:e2e"
+        await eventually(lambda: _healthy(port, "/readyz"), timeout=30, what="ready (no election: alone)")
         if "--all-namespaces" in scope:
             await eventually(lambda: cluster.deployment("theirs-decode", "team-b"), timeout=60, what="team-b")
         else:
@@ -79,5 +80,42 @@ def test_help_lists_the_modes() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tusk.operator", "--help"], capture_output=True, text=True, check=True
     )
-    for flag in ("--namespace", "--all-namespaces", "--standalone", "--priority", "--health-port"):
+    for flag in (
+        "--namespace",
+        "--all-namespaces",
+        "--standalone",
+        "--leader-elect",
+        "--leader-election-namespace",
+        "--leader-election-name",
+        "--peering-name",
+        "--health-port",
+    ):
         assert flag in result.stdout
+
+
+async def test_a_named_peering_that_does_not_exist_is_an_error_not_a_silent_pause(cluster: Cluster) -> None:
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tusk.operator", "--peering-name", "nobody", "--health-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "peering 'nobody' not found" in line and "--leader-elect" in line
+
+
+async def test_leader_election_needs_a_namespace(cluster: Cluster, monkeypatch) -> None:
+    monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tusk.operator", "--leader-elect", "--health-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "tusk operator: --leader-elect needs --leader-election-namespace (or POD_NAMESPACE)"
+    )
