@@ -118,3 +118,21 @@ async def test_router_proxies_to_openai_servers_and_routes_by_their_kv_events(ti
         ctx.term()
         for b in backends:
             await b.stop()
+
+
+def test_parse_load_reads_vllm_and_sglang_names() -> None:
+    from tusk.router.http_backend import parse_load
+
+    vllm = (
+        '# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="a"} 3\n'
+        'vllm:num_requests_waiting{model_name="b"} 2\n'
+        '# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name="a"} 4\n'
+        '# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc{model_name="a"} 0.25\n'
+        '# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{block_size="32",num_gpu_blocks="800"} 1\n'
+    )
+    sample = parse_load(vllm)
+    assert (sample.waiting, sample.running, sample.kv_usage) == (5, 4, 0.25)
+    assert (sample.block_size, sample.num_blocks) == (32, 800)
+    sglang = "# TYPE sglang:num_queue_reqs gauge\nsglang:num_queue_reqs 7\nsglang:token_usage 0.5\n"
+    sample = parse_load(sglang)
+    assert (sample.waiting, sample.running, sample.kv_usage, sample.num_blocks) == (7, 0, 0.5, None)
