@@ -304,8 +304,7 @@ class LlamaModel:
             act = F.gelu(gate, approximate="tanh") * up
         return F.linear(act, layer.down, layer.down_bias)
 
-    @staticmethod
-    def _moe(experts: _Experts, x: torch.Tensor) -> torch.Tensor:
+    def _moe(self, experts: _Experts, x: torch.Tensor) -> torch.Tensor:
         """Softmax routing over all experts, top-k, optional renormalisation; each expert runs on
         its tokens only, and the weighted outputs are summed in expert order (as transformers)."""
         probs = torch.softmax(F.linear(x, experts.router).float(), dim=-1)
@@ -315,7 +314,7 @@ class LlamaModel:
         out = torch.zeros_like(x)
         for expert in torch.unique(chosen).tolist():  # sorted, like transformers' expert loop
             tokens, slot = torch.where(chosen == expert)
-            h = K.silu_and_mul(F.linear(x[tokens], experts.gate_up[expert]))
+            h = self.ops.silu_and_mul(F.linear(x[tokens], experts.gate_up[expert]))
             h = F.linear(h, experts.down[expert]) * weights[tokens, slot, None]
             out.index_add_(0, tokens, h.to(out.dtype))
         return out
