@@ -175,7 +175,8 @@ def test_lifecycle(kubectl: str, namespace: str, operator: Operator) -> None:
         ("deployment", "e2e-prefill"),
         ("deployment", "e2e-kv"),
         ("service", "e2e-decode"),
-        ("configmap", "e2e-config"),
+        ("networkpolicy", "e2e-kv"),
+        ("secret", "e2e-kv-auth"),
         ("pdb", "e2e-decode"),
     ]:
         wait_for(lambda k=kind, n=name: get(kubectl, namespace, k, n), what=f"{kind}/{name}")
@@ -183,7 +184,12 @@ def test_lifecycle(kubectl: str, namespace: str, operator: Operator) -> None:
         lambda: (get(kubectl, namespace, "md", "e2e") or {}).get("status", {}).get("conditions"),
         what="status",
     )
-    assert {c["type"] for c in status} == {"Ready", "Progressing", "Degraded"}
+    assert {c["type"] for c in status} == {"Ready", "Progressing", "Degraded", "Schedulable"}
+    # One content-named config per role.
+    configs = get(
+        kubectl, namespace, "configmaps", "-l", "tusk.dev/model=e2e,app.kubernetes.io/component=config"
+    )
+    assert len(configs["items"]) == 2
 
     # Scale through the scale subresource.
     run(kubectl, "-n", namespace, "scale", "md/e2e", "--replicas=2")
