@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HF_PREFIX = "hf://"
+# What a hub snapshot needs: config, weights, tokenizer and chat template (transformers 5 keeps the
+# template in chat_template.jinja), SentencePiece models; nothing else (no .bin / .gguf copies).
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "chat_template.jinja"]
 # Hugging Face architecture -> the model family the worker implements it with (one list for the
 # CLI's early check and the worker's loader).
 SUPPORTED_ARCHITECTURES = {
@@ -65,7 +68,7 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> ResolvedModel:
                 repo,
                 revision=revision,
                 token=os.environ.get("HF_TOKEN"),
-                allow_patterns=["*.json", "*.safetensors", "tokenizer*"],
+                allow_patterns=HUB_FILE_PATTERNS,
             )
         except Exception as exc:  # noqa: BLE001 - hub errors are many; report them in one line
             reason = " ".join(str(exc).split())  # hub errors span lines; the CLI prints one

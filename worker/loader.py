@@ -18,7 +18,7 @@ import torch
 from tusk.worker import gguf_model
 from tusk.worker.models.rope import RopeError, check_rope, rope_type
 
-from tusk.model_source import SUPPORTED_ARCHITECTURES
+from tusk.model_source import HUB_FILE_PATTERNS, SUPPORTED_ARCHITECTURES
 
 _DTYPES = {
     "float32": torch.float32,
@@ -266,7 +266,7 @@ def resolve_model_path(model: str) -> Path:
             path = snapshot_download(
                 repo,
                 revision=revision or None,
-                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"],
+                allow_patterns=HUB_FILE_PATTERNS,
             )
         except Exception as exc:  # noqa: BLE001 - any hub failure is a load error with context
             raise ModelLoadError(f"could not download {model!r} from the Hugging Face Hub: {exc}") from exc

@@ -228,3 +228,30 @@ def test_mistral_sliding_window_smaller_than_the_prompt(tmp_path: Path) -> None:
         folder, EngineConfig(num_kv_blocks=32, block_size=4, max_num_batched_tokens=5, max_num_seqs=5)
     )
     assert chunked.generate([PROMPT], SamplingParams(max_tokens=10, ignore_eos=True)) == [expected]
+
+
+def test_hub_snapshots_bring_the_chat_template(tmp_path: Path, monkeypatch) -> None:
+    """transformers 5 repos keep the template in chat_template.jinja; both resolvers download it."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from tusk.model_source import resolve_model
+
+    repo = save_model(tmp_path / "repo", "llama", seed=35)
+    for name in ("tokenizer.json", "chat_template.jinja", "pytorch_model.bin", "README.md"):
+        (repo / name).write_text("{}")
+
+    def fake_snapshot(repo_id: str, revision=None, allow_patterns=(), **_: object) -> str:
+        out = tmp_path / "snap" / repo_id.replace("/", "--")
+        out.mkdir(parents=True, exist_ok=True)
+        for file in repo.iterdir():
+            if any(fnmatch.fnmatch(file.name, p) for p in allow_patterns):
+                shutil.copy(file, out / file.name)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    for folder in (loader.resolve_model_path("hf://org/a"), resolve_model("hf://org/b").path):
+        names = {p.name for p in folder.iterdir()}
+        assert {"chat_template.jinja", "config.json", "model.safetensors", "tokenizer.json"} <= names
+        assert "pytorch_model.bin" not in names and "README.md" not in names
