@@ -199,10 +199,13 @@ def server(cmd: list[str], env: dict[str, str], url: str, timeout: float, log: P
             proc.wait()
 
 
-def tusk_server(folder: Path, dtype: str, logs: Path, port: int):
+def tusk_server(folder: Path, dtype: str, logs: Path, port: int, threads: int | None = None):
     cmd = [sys.executable, "-m", "tusk", "serve", "--model", str(folder), "--served-name", MODEL_NAME]
     cmd += ["--port", str(port), "--prefill", "0", "--dtype", dtype, "--log-dir", str(logs / "tusk")]
-    return server(cmd, dict(os.environ), f"http://127.0.0.1:{port}", 600, logs / "tusk.log")
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # tusk serve gives its worker these threads
+    return server(cmd, env, f"http://127.0.0.1:{port}", 600, logs / "tusk.log")
 
 
 def vllm_server(folder: Path, dtype: str, logs: Path, max_len: int, port: int):
@@ -294,7 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="shorter prompts/outputs and fewer requests")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM CPU even when installed")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for transformers")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="compute threads for tusk's worker and transformers (vLLM CPU binds its own: one core "
+        "on a 2-core box); 1 by default, since OpenMP barriers collapse on an oversubscribed box",
+    )
     args = p.parse_args(argv)
     quick = args.quick
     max_prompt, max_output = (512, 64) if quick else (2048, 256)
@@ -310,10 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = [llama_cpp_note()]
 
     print(
-        f"model SmolLM2-135M-Instruct ({folder}), dtype {args.dtype}, CPU, {os.cpu_count()} cores", flush=True
+        f"model SmolLM2-135M-Instruct ({folder}), dtype {args.dtype}, CPU, {os.cpu_count()} cores, "
+        f"{args.threads} compute thread(s) for tusk and transformers",
+        flush=True,
     )
     port = free_port()
-    with tusk_server(folder, args.dtype, logs, port):
+    with tusk_server(folder, args.dtype, logs, port, args.threads):
         url = f"http://127.0.0.1:{port}"
         tusk_runs, tusk_step = measure_server(url, sets, stream_req)
         ttft_cold, ttft_warm = cached_prefix_ttft(url, vocab)
@@ -367,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "quick": quick,
         "cpu_cores": os.cpu_count(),
+        "threads": args.threads,
         "prompt_tokens": [16, max_prompt],
         "output_tokens": [8, max_output],
         "tusk_tok_s": {str(c): round(r.tok_s, 1) for c, r in tusk_runs.items()},
@@ -378,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         "hf_decode_ms": round(hf_step, 2),
         "single_stream_vs_hf": round(hf_step / tusk_step, 2),
         **({"single_stream_vs_vllm_cpu": round(vllm_step / tusk_step, 2)} if vllm_step else {}),
+        # For `tusk sim --profile` (router/sim/profile.py): this machine's tusk worker.
+        "prefill_tokens_per_s": round(1024 / (ttft_cold / 1e3), 1),
+        "decode_step_s": round(tusk_step / 1e3, 5),
         "ttft_uncached_ms": round(ttft_cold, 1),
         "ttft_cached90_ms": round(ttft_warm, 1),
         "targets_met": {

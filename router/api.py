@@ -219,7 +219,7 @@ class RouterAPI:
         sampling = pb.SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k or 0,
+            top_k=max(body.top_k or 0, 0),  # vLLM's -1 and 0 both mean "off"
             max_tokens=max_tokens,
             stop_token_ids=[] if body.ignore_eos else tok.eos_token_ids,
             ignore_eos=body.ignore_eos,

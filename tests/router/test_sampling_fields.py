@@ -110,6 +110,7 @@ def test_completion_logprobs_legacy_format(url) -> None:
         "temperature": 0,
         "ignore_eos": True,
         "logprobs": 1,
+        "top_k": -1,  # vLLM's "off"
     }
     choice = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
     lp = choice["logprobs"]
