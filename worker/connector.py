@@ -9,8 +9,10 @@ I/O runs beside the step loop instead of inside it:
   is how many *leading* blocks were filled. A miss, timeout, corrupt value or dead tier stops the
   prefix there and the engine recomputes the rest. The engine does not hand the blocks to anyone
   else until the future is done, so the transfer may write into them until then.
-* ``save``: snapshot the blocks *before returning* (the engine may reuse them right after), then
-  write them in the background.
+* ``save``: snapshot the blocks, then write them in the background. Without ``release`` the
+  snapshot is taken *before returning* (the engine may reuse the blocks right after). Connectors
+  with ``copies_in_background = True`` also accept ``release``: the snapshot copy then runs off
+  the engine's step thread, and the engine keeps the blocks unchanged until ``release()``.
 * ``finish``: the request is over; ``keep`` = its writes will be awaited with ``flush`` (Prefill).
 """
 
@@ -36,6 +38,8 @@ class KvConnector(Protocol):
     def load(self, block_hashes: list[int], block_ids: list[int]) -> concurrent.futures.Future[int]: ...
 
     def save(self, request_id: str, block_hashes: list[int], block_ids: list[int]) -> None: ...
+
+    # Optional: ``copies_in_background = True`` and save(..., release=callback), see above.
 
     def finish(self, request_id: str, keep: bool) -> None: ...
 
@@ -105,9 +109,17 @@ class TierConnector:
     def load(self, block_hashes: list[int], block_ids: list[int]) -> concurrent.futures.Future[int]:
         return self._submit(lambda: self.transfer.load_prefix(block_hashes, block_ids))
 
-    def save(self, request_id: str, block_hashes: list[int], block_ids: list[int]) -> None:
+    copies_in_background = True
+
+    def save(
+        self,
+        request_id: str,
+        block_hashes: list[int],
+        block_ids: list[int],
+        release: Callable[[], None] | None = None,
+    ) -> None:
         try:
-            self.transfer.save_blocks(request_id, block_hashes, block_ids)
+            self.transfer.save_blocks(request_id, block_hashes, block_ids, release)
         except Exception:  # noqa: BLE001 - a failed write-through only costs a future miss
             log.exception("KV write-through failed")
 

@@ -370,7 +370,16 @@ class LLMEngine:
             hashes, ids = by_request.setdefault(seq.request_id, ([], []))
             hashes.append(block_hash)
             ids.append(block)
+        background = getattr(self.connector, "copies_in_background", False)
         for request_id, (hashes, ids) in by_request.items():
+            # The connector copies the blocks off this thread: pin them until it has, unpin here.
+            pinned = self.blocks.acquire_cached(hashes) if background else []
+            if pinned and pinned == ids:
+                unpin = lambda ids=ids: self.call_soon(lambda: self.blocks.release(ids))  # noqa: E731
+                self.connector.save(request_id, hashes, ids, release=unpin)
+                continue
+            if pinned:
+                self.blocks.release(pinned)
             self.connector.save(request_id, hashes, ids)
 
     def _final(

@@ -12,10 +12,13 @@ and lives on one event loop, where the Redis client's connections live. ``worker
   at the first miss. Chunk i+1 is on the wire while chunk i is copied into the cache (on a worker
   thread, so the loop keeps reading). Returns how many *leading* blocks were filled; any tier
   fault only lowers it, never raises, and costs at most about ``KVTierConfig.timeout_s`` per chunk.
-* ``save_blocks(request_id, hashes, block_ids)`` (any thread, e.g. the engine's): copies the
-  blocks out *before returning* (the engine reuses the ids right after), straight into value
-  buffers laid out ``header | payload`` so the tier write needs no further copy; the checksum,
-  the host-cache insert and the background tier write then run on the loop.
+* ``save_blocks(request_id, hashes, block_ids, release=None)`` (any thread, e.g. the engine's):
+  copies the blocks straight into value buffers laid out ``header | payload`` so the tier write
+  needs no further copy; the checksum, the host-cache insert and the background tier write then
+  run on the loop. Without ``release`` the copy happens *before returning* (the caller may reuse
+  the ids right after). With ``release`` the copy too runs off the caller's thread (the engine's
+  step thread does no copying): the caller keeps the blocks unchanged until ``release()`` is
+  called, exactly once, from a worker thread, whether the copy worked, failed or was skipped.
 * ``await flush(request_id, timeout) -> int``: blocks of the request durable in the tier. A
   prefill worker awaits it before answering Prefill (and reports it as ``blocks_in_tier``), which
   is what lets the decode worker rely on finding the prompt's blocks. ``forget(request_id)`` for
@@ -213,31 +216,55 @@ class KVTransfer:
 
     # -- saving ----------------------------------------------------------------------------
 
-    def save_blocks(self, request_id: str, hashes: Sequence[int], block_ids: Sequence[int]) -> bool:
-        """Snapshot blocks now, then cache and write them through in the background.
+    def save_blocks(
+        self,
+        request_id: str,
+        hashes: Sequence[int],
+        block_ids: Sequence[int],
+        release: Callable[[], None] | None = None,
+    ) -> bool:
+        """Snapshot blocks (now, or in the background until ``release()``), then cache and write
+        them through in the background.
 
         Returns False if nothing was saved: closed, or ``max_snapshot_bytes`` already queued
-        (counted in ``tusk_kvtier_dropped_writes_total{reason="inflight_full"}``).
+        (counted in ``tusk_kvtier_dropped_writes_total{reason="inflight_full"}``); ``release``
+        has then already been called.
         """
         if len(hashes) != len(block_ids):
+            if release is not None:
+                release()
             raise ValueError(f"{len(hashes)} hashes but {len(block_ids)} block ids")
-        if self._closed or not hashes:
-            return False
         nbytes = len(hashes) * self._value_nbytes
         with self._lock:
-            if self._snapshot_bytes + nbytes > self.max_snapshot_bytes:
+            refused = self._closed or not hashes or self._snapshot_bytes + nbytes > self.max_snapshot_bytes
+            if not refused:
+                self._snapshot_bytes += nbytes
+        if refused:
+            if hashes and not self._closed:
                 metrics.DROPPED_WRITES.labels("inflight_full").inc(len(hashes))
-                return False
-            self._snapshot_bytes += nbytes
+            if release is not None:
+                release()
+            return False
+        if release is None:
+            try:
+                buffers: list[bytearray] | None = self._copy_out(block_ids)
+            except BaseException:
+                with self._lock:
+                    self._snapshot_bytes -= nbytes
+                raise
+            ids = None
+        else:
+            buffers, ids = None, list(block_ids)
         try:
-            buffers = self._copy_out(block_ids)
-        except BaseException:
+            future = asyncio.run_coroutine_threadsafe(
+                self._seal_and_store(list(hashes), buffers, nbytes, ids, release), self._loop
+            )
+        except BaseException:  # e.g. the loop is closed: nothing will copy, so give the blocks back
             with self._lock:
                 self._snapshot_bytes -= nbytes
+            if ids is not None and release is not None:
+                release()
             raise
-        future = asyncio.run_coroutine_threadsafe(
-            self._seal_and_store(list(hashes), buffers, nbytes), self._loop
-        )
         with self._lock:
             self._saving.add(future)
             if request_id not in self._forgotten:
@@ -261,13 +288,34 @@ class KVTransfer:
             buffers.append(buf)
         return buffers
 
-    async def _seal_and_store(self, hashes: list[int], buffers: list[bytearray], nbytes: int) -> int:
-        """Checksum, cache and write one snapshot; returns how many blocks reached the tier."""
+    def _copy_and_seal(
+        self,
+        buffers: list[bytearray] | None,
+        block_ids: list[int] | None,
+        release: Callable[[], None] | None,
+    ) -> list[bytearray]:
+        """(On a worker thread) the pending snapshot copy, if any, then the checksums."""
+        if buffers is None:
+            try:
+                buffers = self._copy_out(block_ids or [])
+            finally:
+                if release is not None:
+                    release()
+        # zlib drops the GIL: the checksums overlap the engine's step.
+        return [seal_value(b, self.dtype_name, self.block_shape) for b in buffers]
+
+    async def _seal_and_store(
+        self,
+        hashes: list[int],
+        buffers: list[bytearray] | None,
+        nbytes: int,
+        block_ids: list[int] | None = None,
+        release: Callable[[], None] | None = None,
+    ) -> int:
+        """Copy (if still pending), checksum, cache and write one snapshot; returns how many blocks
+        reached the tier."""
         try:
-            # The checksum pass is the only CPU work on the write path; zlib drops the GIL.
-            values = await asyncio.to_thread(
-                lambda: [seal_value(b, self.dtype_name, self.block_shape) for b in buffers]
-            )
+            values = await asyncio.to_thread(self._copy_and_seal, buffers, block_ids, release)
             write = self.store.store(None, hashes, values)
         except Exception:  # noqa: BLE001 - a lost write is only a future miss
             log.exception("KV tier write of %d blocks failed", len(hashes))
