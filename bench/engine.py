@@ -20,7 +20,9 @@ Servers get the same streamed OpenAI requests (``/v1/completions`` with token-id
   ``/work/peers/llamacpp`` (this script never builds it).
 
 Also measured: single-stream decode (ms per token after the first, prompt 128 -> 64 tokens) for
-each engine, and tusk's time to first token with 90% of a 1,024-token prompt cached.
+each server over HTTP, transformers in process, and tusk's engine alone in process (so the
+serving stack's share is visible), and tusk's time to first token with 90% of a 1,024-token
+prompt cached.
 
 Prints a table, then one JSON line with every ratio (``vs_hf_batched_mixed`` and ``vs_vllm_cpu``
 map concurrency to tusk's throughput ratio; ``single_stream_vs_hf`` is transformers' ms per
@@ -212,7 +214,7 @@ def vllm_server(folder: Path, dtype: str, logs: Path, max_len: int, port: int):
     python = PEERS / "vllm" / "bin" / "python"
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
     cmd += ["--served-model-name", MODEL_NAME, "--dtype", dtype, "--max-model-len", str(max_len)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--disable-log-requests"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
     return server(cmd, env, f"http://127.0.0.1:{port}", 1500, logs / "vllm.log")
 
@@ -284,6 +286,30 @@ def hf_batched(folder: Path, dtype: str, sets: dict[int, list[Request]], stream_
     return rates, step
 
 
+def engine_decode_ms(folder: Path, dtype: str, req: Request, threads: int) -> float:
+    """tusk's LLMEngine alone, in this process (no router, gRPC or HTTP): decode ms per token,
+    measured like transformers' (64 tokens minus 1 token, best of two)."""
+    import torch
+    from tusk.worker.engine import LLMEngine
+    from tusk.worker.sequence import SamplingParams
+
+    from tusk.config import EngineConfig
+
+    torch.set_num_threads(threads)
+    engine = LLMEngine(folder, EngineConfig(dtype=dtype, num_kv_blocks=64))
+    engine.generate([req.prompt], SamplingParams(max_tokens=2, ignore_eos=True))
+    best = math.inf
+    for _ in range(2):
+        timings = []
+        for n in (1, req.output_len):
+            started = time.perf_counter()
+            engine.generate([req.prompt], SamplingParams(max_tokens=n, ignore_eos=True))
+            timings.append(time.perf_counter() - started)
+        best = min(best, (timings[1] - timings[0]) / (req.output_len - 1) * 1e3)
+    engine.close()
+    return best
+
+
 def llama_cpp_note() -> str:
     venv = PEERS / "llamacpp" / "bin" / "python"
     if not venv.exists():
@@ -330,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         ttft_cold, ttft_warm = cached_prefix_ttft(url, vocab)
     print("tusk done", flush=True)
     hf_rates, hf_step = hf_batched(folder, args.dtype, sets, stream_req, args.threads)
+    engine_step = engine_decode_ms(folder, args.dtype, stream_req, args.threads)
     print("transformers done", flush=True)
 
     vllm_runs: dict[int, Run] = {}
@@ -367,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     vllm_ms = f", vLLM CPU {vllm_step:.2f}" if vllm_step else ""
     print(
-        f"single-stream decode ms/token (prompt 128 -> 64): tusk {tusk_step:.2f}, HF {hf_step:.2f}{vllm_ms}"
+        f"single-stream decode ms/token (prompt 128 -> 64): tusk {tusk_step:.2f} over HTTP "
+        f"({engine_step:.2f} engine alone, in process), HF {hf_step:.2f} in process{vllm_ms} over HTTP"
     )
     print(f"tusk TTFT 1,024-token prompt: uncached {ttft_cold:.0f} ms, 90% cached {ttft_warm:.0f} ms")
     for note in notes:
@@ -388,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         **({"vs_vllm_cpu": vs_vllm} if vs_vllm else {}),
         "tusk_decode_ms": round(tusk_step, 2),
         "hf_decode_ms": round(hf_step, 2),
+        "tusk_engine_decode_ms": round(engine_step, 2),
+        "single_stream_engine_vs_hf": round(hf_step / engine_step, 2),
         "single_stream_vs_hf": round(hf_step / tusk_step, 2),
         **({"single_stream_vs_vllm_cpu": round(vllm_step / tusk_step, 2)} if vllm_step else {}),
         # For `tusk sim --profile` (router/sim/profile.py): this machine's tusk worker.
