@@ -20,8 +20,9 @@ router's *added* latency is its percentile minus direct's at the same rate and m
   connection; a fresh connection per stream measures every router on equal terms.
   Non-streamed requests reuse keep-alive connections.
 
-Measures per target: p50/p99 at each rate (streamed and not), router CPU microseconds per
-request (utime+stime of the router process over the phase / requests), and the max
+Measures per target: p50/p99 at each rate (streamed and not) and one request at a time, router
+CPU microseconds per request (utime+stime of the router process over the phase, minus its idle
+CPU rate measured first, per request served), and the max
 non-streamed request rate with the router on its one core (closed loop, 64 connections).
 Prints a table, then one JSON line.
 """
@@ -426,15 +427,29 @@ async def run(args: argparse.Namespace) -> dict:
                 await target.request(body, "/v1/chat/completions", False)
             target.close()
         results: dict = {t.name: {} for t in targets}
+        idle: dict[str, float] = {}  # background CPU (health checks, scrapes) per second, subtracted
+        for target in targets:
+            cpu0, t0 = target.cpu_s(), time.perf_counter()
+            await asyncio.sleep(args.idle_s)
+            idle[target.name] = (target.cpu_s() - cpu0) / (time.perf_counter() - t0)
+            results[target.name]["idle_cpu_pct"] = idle[target.name] * 100
+        for target in targets:  # one request at a time: the added latency with no queueing at all
+            lat = []
+            for body in bodies[False][: args.sequential]:
+                t = time.perf_counter()
+                await target.request(body, "/v1/chat/completions", False)
+                lat.append(time.perf_counter() - t)
+            target.close()
+            results[target.name]["seq"] = {"p50_ms": _pct(lat, 0.5) * 1e3, "p99_ms": _pct(lat, 0.99) * 1e3}
         for stream in (False, True):
             mode = "stream" if stream else "json"
             for rate in args.rates:
                 for target in targets:  # same run, same arrivals (same seed) for every target
-                    cpu0 = target.cpu_s()
+                    cpu0, t0 = target.cpu_s(), time.perf_counter()
                     lat, errors = await open_loop(
                         target, bodies[stream], rate, args.duration, stream, seed=rate
                     )
-                    cpu = target.cpu_s() - cpu0
+                    cpu = target.cpu_s() - cpu0 - idle[target.name] * (time.perf_counter() - t0)
                     target.close()
                     results[target.name][f"{mode}@{rate}"] = {
                         "p50_ms": _pct(lat, 0.5) * 1e3,
@@ -491,6 +506,17 @@ def report(results: dict, rates: list[int]) -> dict:
                         "cpu_us_per_req": round(cpu, 1) if cpu is not None else None,
                     }
     lines.append("")
+    lines.append("one request at a time (no queueing), non-streamed:")
+    for name, rows in results.items():
+        seq, base = rows["seq"], direct["seq"]
+        added = seq["p50_ms"] - base["p50_ms"] if name != "direct" else 0.0
+        lines.append(
+            f"  {name:<13} p50 {seq['p50_ms']:6.2f} ms  p99 {seq['p99_ms']:6.2f} ms  added p50 {added:6.2f} ms"
+        )
+        if name != "direct":
+            summary.setdefault(name, {})["seq_added_p50_ms"] = round(added, 3)
+            summary[name]["idle_cpu_pct"] = round(rows["idle_cpu_pct"], 2)
+    lines.append("")
     lines.append("max req/s, non-streamed, closed loop (routers pinned to one core):")
     for name, rows in results.items():
         lines.append(f"  {name:<13} {rows['max_rps']:8.0f} req/s  errors {rows['max_errors']}")
@@ -506,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=6.0, help="seconds per rate and target")
     p.add_argument("--max-duration", type=float, default=5.0, help="seconds of the max-throughput run")
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--sequential", type=int, default=200, help="requests sent one at a time")
+    p.add_argument("--idle-s", type=float, default=3.0, help="seconds to measure each router's idle CPU")
     p.add_argument("--peers", nargs="*", default=["smg", "vllm-router"])
     p.add_argument("--install-peers", action="store_true", help="create /work/peers/{smg,vllm-router} first")
     p.add_argument("--log-dir", default=None)
