@@ -308,6 +308,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, help="replay the first N requests")
     p.add_argument("--systems", help="comma-separated; default: the tusk profiles, smg and vllm_router")
     p.add_argument("--load-factors", default="1.0,1.5")
+    p.add_argument("--load-scale", type=float, help="use this load scale instead of the simulator's ladder")
     p.add_argument("--profile", default="h100-llama8b")
     p.add_argument("--time-scale", type=float, help="emulated seconds per wall second (default 1; quick 2)")
     p.add_argument("--token-scale", type=int, help="default 8; quick 16")
@@ -347,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         args.trace, args.format, args.block_size, token_scale=args.token_scale, max_requests=args.requests
     )
     items = trace_items(trace)
-    load, unloaded, rr_p90 = find_load(trace, args, profile)
+    if args.load_scale:
+        load, unloaded, rr_p90 = args.load_scale, float("nan"), float("nan")
+    else:
+        load, unloaded, rr_p90 = find_load(trace, args, profile)
     print(
         f"trace {args.trace.name}: {len(trace)} requests, {args.workers} workers, profile {profile.name}, "
         f"time scale {args.time_scale}; load scale {load:.3f} (sim: round robin p90 {rr_p90:.2f} s vs "
