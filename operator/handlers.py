@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,17 @@ class Runtime:
 
 
 _runtime: Runtime | None = None
+# When kopf's event loop last ran a beat (time.monotonic()); None before it starts. The liveness
+# probe fails when the loop stops beating, which a separate HTTP thread could not see by itself.
+last_beat: float | None = None
+BEAT_SECONDS = 5.0
+
+
+async def _beat() -> None:
+    global last_beat
+    while True:
+        last_beat = time.monotonic()
+        await asyncio.sleep(BEAT_SECONDS)
 
 
 def runtime() -> Runtime:
@@ -109,7 +121,9 @@ class _QuietChildEvents(logging.Filter):
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+async def configure(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any
+) -> None:
     global _runtime
     options = OPTIONS or Options.from_env()
     settings.persistence.finalizer = FINALIZER
@@ -124,6 +138,7 @@ async def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_
     settings.watching.client_timeout = 330
     kube = Kube(await asyncio.to_thread(load_api_client))
     _runtime = Runtime(options, kube, preflight.NodeCapacity(kube))
+    memo.beat_task = asyncio.create_task(_beat())  # kept referenced; cancelled with the loop
     logger.info(
         "tusk operator configured: worker image %s, resync every %ss",
         options.worker_image,
@@ -235,6 +250,7 @@ async def reconcile(body: kopf.Body, logger: logging.Logger, cause: str) -> dict
             problems.append(preflight.Problem("InvalidSpec", str(exc)))
         try:
             if spec is not None:
+                problems += preflight.name_problems(owner.name)
                 problems += await preflight.check(rt.kube, rt.capacity, owner.namespace, spec)
                 children: list[dict[str, Any]] = []
                 if not any(p.blocking for p in problems):

@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,16 @@ class Health:
     def __init__(self) -> None:
         self.kopf_ready = threading.Event()
         self.state = "starting"  # starting | standby | leader | running
+        self.stall_seconds = 60.0
+
+    def liveness(self) -> tuple[int, str]:
+        """200 while the process serves; 503 once kopf's event loop has stopped beating."""
+        from tusk.operator import handlers
+
+        beat = handlers.last_beat
+        if beat is not None and time.monotonic() - beat > self.stall_seconds:
+            return 503, f"kopf's event loop has not run for {time.monotonic() - beat:.0f}s\n"
+        return 200, "ok\n"
 
     def readiness(self) -> tuple[int, str]:
         if self.state == "standby":
@@ -124,7 +135,7 @@ class Health:
             def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
                 path = self.path.split("?")[0].rstrip("/")
                 if path == "/healthz":
-                    code, text = 200, "ok\n"
+                    code, text = health.liveness()
                 elif path == "/readyz":
                     code, text = health.readiness()
                 else:

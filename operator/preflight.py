@@ -111,6 +111,24 @@ def _role_problems(role: str, role_spec: RoleSpec) -> list[Problem]:
     return problems
 
 
+# Child names are "<name>-<suffix>"; Services must be DNS labels (63 characters), and the name is
+# also a label value (63). The longest suffix is "-prefill" (8).
+MAX_NAME_LENGTH = 63 - len("-prefill")
+
+
+def name_problems(name: str) -> list[Problem]:
+    """A ModelDeployment name too long for its children (the CRD cannot bound metadata.name)."""
+    if len(name) <= MAX_NAME_LENGTH:
+        return []
+    return [
+        Problem(
+            "NameTooLong",
+            f"metadata.name: {len(name)} characters; at most {MAX_NAME_LENGTH}, so that the Services "
+            f"'{name[:12]}...-prefill' and the label tusk.dev/model stay within 63 characters",
+        )
+    ]
+
+
 def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
     """What the schema cannot see but the API server or the kubelet would refuse (pure)."""
     return [p for role in WORKER_ROLES for p in _role_problems(role, getattr(spec, role))]

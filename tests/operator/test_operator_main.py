@@ -119,3 +119,25 @@ async def test_leader_election_needs_a_namespace(cluster: Cluster, monkeypatch) 
     assert result.stderr.strip() == (
         "tusk operator: --leader-elect needs --leader-election-namespace (or POD_NAMESPACE)"
     )
+
+
+def test_liveness_fails_when_kopfs_loop_stops_beating(monkeypatch) -> None:
+    import time
+
+    from tusk.operator import handlers
+    from tusk.operator.main import Health
+
+    health = Health()
+    monkeypatch.setattr(handlers, "last_beat", None)
+    assert health.liveness()[0] == 200  # not started yet
+    monkeypatch.setattr(handlers, "last_beat", time.monotonic())
+    assert health.liveness()[0] == 200
+    monkeypatch.setattr(handlers, "last_beat", time.monotonic() - 120)
+    code, text = health.liveness()
+    assert code == 503 and "event loop" in text
+    assert health.readiness()[0] == 503  # kopf not ready
+    health.kopf_ready.set()
+    health.state = "standby"
+    assert health.readiness() == (503, "standby: waiting for leadership\n")
+    health.state = "leader"
+    assert health.readiness()[0] == 200

@@ -218,3 +218,15 @@ def test_bad_role_fields_are_named_problems(role: dict, reason: str, words: str)
     problems = spec_problems(parse_spec({"model": {"source": "tiny"}, "decode": role}))
     assert [p.reason for p in problems] == [reason]
     assert words in problems[0].message and "spec.decode" in problems[0].message
+
+
+def test_a_name_too_long_for_its_children_is_a_named_problem() -> None:
+    from tusk.operator.preflight import MAX_NAME_LENGTH, name_problems
+
+    assert name_problems("m" * MAX_NAME_LENGTH) == []
+    (problem,) = name_problems("m" * (MAX_NAME_LENGTH + 1))
+    assert problem.reason == "NameTooLong" and problem.blocking and "metadata.name" in problem.message
+    children = desired_children(
+        Owner("m" * MAX_NAME_LENGTH, "ns", "u"), parse_spec({"model": {"source": "tiny"}})
+    )
+    assert max(len(c["metadata"]["name"]) for c in children if c["kind"] == "Service") == 63
