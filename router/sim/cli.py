@@ -9,13 +9,15 @@ import sys
 from tusk.router.policies import POLICY_NAMES
 from tusk.router.sim.cluster import SimConfig, Simulator
 from tusk.router.sim.profile import PROFILES, load_profile
-from tusk.router.sim.trace import TraceError, load_trace
+from tusk.router.sim.trace import FORMATS, TraceError, load_trace
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tusk sim", description=__doc__)
-    p.add_argument("--trace", required=True, help="Mooncake .jsonl or Azure .csv trace")
-    p.add_argument("--format", choices=("mooncake", "azure"), help="default: from the file suffix")
+    p.add_argument(
+        "--trace", required=True, help="Mooncake .jsonl, Azure .csv or kv-cache-tester .tar.xz/.json"
+    )
+    p.add_argument("--format", choices=FORMATS, help="default: from the file name")
     p.add_argument("--policy", default="cost", choices=POLICY_NAMES)
     p.add_argument("--workers", type=int, default=8, help="aggregated workers (role=both)")
     p.add_argument("--prefill-workers", type=int, default=0)
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-slo", type=float, default=2.0, help="seconds")
     p.add_argument("--itl-slo", type=float, default=0.1, help="seconds (mean per request)")
     p.add_argument("--max-requests", type=int, default=None, help="only the first N requests")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="load report poll, seconds (0: exact)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -37,12 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        trace = load_trace(args.trace, args.format, args.block_size)
+        if args.max_requests is not None and args.max_requests < 1:
+            raise ValueError("--max-requests must be >= 1")
+        trace = load_trace(args.trace, args.format, args.block_size, max_requests=args.max_requests)
         profile = load_profile(args.profile)
-        if args.max_requests is not None:
-            if args.max_requests < 1:
-                raise ValueError("--max-requests must be >= 1")
-            trace = trace[: args.max_requests]
         settings = {}
         if args.disaggregation_threshold is not None:
             settings["disaggregation_threshold_tokens"] = args.disaggregation_threshold
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             ttft_slo_s=args.ttft_slo,
             itl_slo_s=args.itl_slo,
             policy_settings=settings,
+            poll_interval_s=args.poll_interval,
         )
         result = Simulator(trace, config, profile).run()
     except (TraceError, ValueError, OSError) as exc:
