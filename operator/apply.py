@@ -261,10 +261,12 @@ async def prune_configs(
     for config in await kube.list("ConfigMap", namespace, label_selector=selector):
         meta = config.get("metadata") or {}
         role = (meta.get("labels") or {}).get("tusk.dev/role")
+        # A config of no current role (the single "<name>-config" of earlier operator versions)
+        # goes once every role has rolled.
+        done = settled.get(role, False) if role in current else all(settled.values())
         if (
-            role in current
-            and meta.get("name") != current[role]
-            and settled.get(role, False)
+            meta.get("name") not in current.values()
+            and done
             and owned_by(config, owner_uid)
             and await kube.delete("ConfigMap", namespace, meta["name"])
         ):

@@ -77,8 +77,24 @@ async def test_ready_when_workers_report_ready(cluster: Cluster, operator) -> No
 
 
 async def test_update_rolls_workers_and_scale_changes_replicas(cluster: Cluster, operator) -> None:
-    await cluster.create_md("m1", SPEC)
+    md = await cluster.create_md("m1", SPEC)
     old = await eventually(lambda: config_of(cluster, "m1-decode"))
+    # The single ConfigMap an earlier operator version made: it goes after the first full rollout.
+    legacy = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "m1-config",
+            "labels": {
+                "tusk.dev/model": "m1",
+                "app.kubernetes.io/component": "config",
+                "tusk.dev/role": "config",
+            },
+            "ownerReferences": [{**old["metadata"]["ownerReferences"][0], "uid": md["metadata"]["uid"]}],
+        },
+        "data": {"decode.json": "{}"},
+    }
+    await cluster.create("/api/v1/namespaces/default/configmaps", legacy)
 
     # A new model version: a new ConfigMap, so the pod template changes (a rolling update).
     await cluster.patch_md("m1", {"spec": {"model": {"source": "hf://org/model@v2"}}})
@@ -96,6 +112,9 @@ async def test_update_rolls_workers_and_scale_changes_replicas(cluster: Cluster,
     await eventually(
         lambda: cluster.get("v1/configmaps", "default", old["metadata"]["name"]) is None,
         what="old config pruned",
+    )
+    await eventually(
+        lambda: cluster.get("v1/configmaps", "default", "m1-config") is None, what="legacy pruned"
     )
 
     # kubectl scale md/m1 --replicas=4 writes spec.decode.replicas through the scale subresource.
