@@ -11,11 +11,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from operator_harness import Cluster, eventually
+from tusk.operator.kube import ApiError
 
 from tusk.kvserver import free_port
 
@@ -147,3 +149,47 @@ async def test_one_leader_reconciles_and_a_standby_takes_over(
     finally:
         codes = [await replica.stop() for replica in replicas]
     assert all(code in (0, -signal.SIGKILL) for code in codes), [r.log.read_text()[-1500:] for r in replicas]
+
+
+async def test_two_candidates_never_both_win(cluster: Cluster) -> None:
+    """The election's rules, step by step: only one holder, takeover only after the lease expires
+    (on the candidate's own clock), a stale write is refused (409), a released lease is free."""
+    from tusk.operator.kube import Kube, load_api_client
+    from tusk.operator.leader import ElectionConfig, LeaderElector
+
+    kube = Kube(await asyncio.to_thread(load_api_client))
+    config = ElectionConfig("ha", "lock", "a", lease_duration=3, renew_deadline=2, retry_period=0.5)
+    a = LeaderElector(kube, config)
+    b = LeaderElector(kube, replace(config, identity="b"))
+    assert await asyncio.to_thread(a.try_acquire_or_renew)  # creates the Lease
+    assert not await asyncio.to_thread(b.try_acquire_or_renew)  # held and fresh
+    assert await asyncio.to_thread(a.try_acquire_or_renew)  # renews
+
+    # b has watched the record stay unchanged for longer than the lease: it takes over.
+    b._observed_at -= 10
+    assert not await asyncio.to_thread(b.try_acquire_or_renew)  # a renewed meanwhile: a new record
+    b._observed_at -= 10
+    assert await asyncio.to_thread(b.try_acquire_or_renew)
+    lease = cluster.get("coordination.k8s.io/v1/leases", "ha", "lock")
+    assert lease["spec"]["holderIdentity"] == "b" and lease["spec"]["leaseTransitions"] == 1
+    # a now sees b's fresh record and stays out.
+    assert not await asyncio.to_thread(a.try_acquire_or_renew)
+
+    # Two writers from the same read: the second is refused by its resourceVersion.
+    stale = await asyncio.to_thread(
+        kube._call, "GET", "/apis/coordination.k8s.io/v1/namespaces/ha/leases/lock"
+    )
+    await asyncio.to_thread(
+        kube._call, "PUT", "/apis/coordination.k8s.io/v1/namespaces/ha/leases/lock", stale
+    )
+    with pytest.raises(ApiError) as refused:
+        await asyncio.to_thread(
+            kube._call, "PUT", "/apis/coordination.k8s.io/v1/namespaces/ha/leases/lock", stale
+        )
+    assert refused.value.status == 409
+
+    # A release hands it over at once.
+    b.leading.set()
+    await asyncio.to_thread(b.release)
+    assert cluster.get("coordination.k8s.io/v1/leases", "ha", "lock")["spec"]["holderIdentity"] == ""
+    assert await asyncio.to_thread(a.try_acquire_or_renew)
