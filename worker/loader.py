@@ -64,6 +64,7 @@ class ModelSpec:
     gemma: bool = False  # (1 + w) norms, scaled embeddings, norms around attention and MLP outputs
     attention_scale: float | None = None  # None: head_dim ** -0.5
     final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None  # Gemma 2: tanh-capped attention scores
     num_experts: int = 0  # mixture of experts (Mixtral, Qwen3-MoE): experts per MoE layer
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
@@ -95,19 +96,20 @@ class ModelSpec:
                 f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
             )
         family = SUPPORTED_ARCHITECTURES[arch]
-        gemma = family == "gemma3"
+        gemma = family in ("gemma2", "gemma3")
         act = config.get("hidden_activation") or config.get("hidden_act") or "silu"
         if act not in _ACTIVATIONS[family]:
             raise ModelLoadError(
                 f"unsupported hidden_act {act!r} for {arch}; supported: {_ACTIVATIONS[family]}"
             )
-        if config.get("attn_logit_softcapping") is not None:
-            raise ModelLoadError("attn_logit_softcapping is not supported")
+        softcap = config.get("attn_logit_softcapping")
+        if softcap is not None and family != "gemma2":
+            raise ModelLoadError(f"attn_logit_softcapping is not supported for {arch}")
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
         head_dim = int(config.get("head_dim") or hidden // heads)
         layers = int(config["num_hidden_layers"])
-        theta, scaling, local_theta = _rope(config, gemma)
+        theta, scaling, local_theta = _rope(config, family == "gemma3")
         if family == "phi3" and scaling and rope_type(scaling) in ("su", "yarn"):
             scaling["rope_type"] = "longrope"  # Phi-3's configs call LongRoPE "su" or "yarn"
         try:
@@ -154,6 +156,7 @@ class ModelSpec:
             gemma=gemma,
             attention_scale=float(scalar) ** -0.5 if scalar else None,
             final_logit_softcapping=config.get("final_logit_softcapping") if gemma else None,
+            attn_logit_softcapping=float(softcap) if softcap is not None else None,
             num_experts=experts,
             experts_per_token=int(config.get("num_experts_per_tok") or 0) if experts else 0,
             moe_intermediate_size=int(config.get("moe_intermediate_size") or config["intermediate_size"]),
@@ -165,7 +168,7 @@ class ModelSpec:
 
 # Families whose attention_bias puts a bias on q, k, v and o (Mistral and Phi-3 have none; Qwen2
 # always biases q, k and v only).
-_ATTENTION_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma3")
+_ATTENTION_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma2", "gemma3")
 _MOE = ("mixtral", "qwen3_moe")
 _ACTIVATIONS = {
     "llama": ("silu",),
@@ -175,17 +178,18 @@ _ACTIVATIONS = {
     "phi3": ("silu",),
     "mixtral": ("silu",),
     "qwen3_moe": ("silu",),
+    "gemma2": ("gelu_pytorch_tanh",),
     "gemma3": ("gelu_pytorch_tanh",),
 }
 
 
-def _rope(config: dict[str, Any], gemma: bool) -> tuple[float, dict[str, Any] | None, float | None]:
+def _rope(config: dict[str, Any], gemma3: bool) -> tuple[float, dict[str, Any] | None, float | None]:
     """(theta, scaling or None for plain rope, Gemma's local theta) from either config dialect:
     transformers 5's ``rope_parameters`` (per layer type for Gemma 3) or ``rope_theta`` +
     ``rope_scaling``."""
     params = dict(config.get("rope_parameters") or {})
     local_theta = None
-    if gemma:
+    if gemma3:
         local = params.pop("sliding_attention", None)
         params = dict(params.pop("full_attention", None) or params)
         if local is not None and rope_type(local) != "default":
@@ -216,7 +220,7 @@ def _layer_windows(config: dict[str, Any], family: str, layers: int) -> tuple[in
         if family in ("qwen2", "qwen3", "qwen3_moe"):
             start = config.get("max_window_layers", layers) if config.get("use_sliding_window") else layers
             types = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
-        elif family == "gemma3":
+        elif family in ("gemma2", "gemma3"):
             pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
             types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
         else:  # Mistral, Mixtral, Phi-3, Llama: every layer

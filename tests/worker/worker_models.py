@@ -42,6 +42,15 @@ def make_config(arch: str, **overrides):
     if arch == "qwen3_moe":
         moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16}
         return transformers.Qwen3MoeConfig(**{**moe, **common})
+    if arch == "gemma2":
+        layer_types = ["sliding_attention", "full_attention"] * (common["num_hidden_layers"] // 2)
+        gemma2 = {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "layer_types": layer_types,
+            "query_pre_attn_scalar": 1,  # scale 1: scores large enough for the cap to bite
+        }
+        return transformers.Gemma2Config(**{**gemma2, "attn_logit_softcapping": 2.0, **common})
     if arch == "gemma3":
         layer_types = ["sliding_attention", "full_attention"] * (common["num_hidden_layers"] // 2)
         return transformers.Gemma3TextConfig(
@@ -50,6 +59,11 @@ def make_config(arch: str, **overrides):
                 "sliding_window": 8,
                 "layer_types": layer_types,
                 "query_pre_attn_scalar": 24,
+                # Bases far apart, so a layer rotated with the other one's base changes the output.
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                },
                 **common,
             }
         )

@@ -1,10 +1,12 @@
-"""Sliding-window attention over the paged KV cache.
+"""Sliding-window (and soft-capped) attention over the paged KV cache.
 
 A layer with window ``W`` lets the query at position ``q`` see keys at positions ``k`` with
 ``q - W < k <= q`` (transformers' ``sliding_window_overlay``). While every sequence in the batch is
 shorter than the window that is plain causal attention, and the model uses the fast paged kernels;
 past it, this plain torch path reads only the blocks inside each sequence's window. It runs one
 sequence at a time, so it is meant for correctness first (long windowed contexts), not speed.
+Gemma 2 caps every attention score (``tanh(s / cap) * cap``), which the paged kernels do not do,
+so its layers always take this path.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ def _attend_window(
     block_row: torch.Tensor,
     context_len: int,
     scale: float,
-    window: int,
+    window: int | None,
+    softcap: float | None,
 ) -> torch.Tensor:
     """q[n, Hq, D] at positions context_len - n .. context_len - 1, over the window of its keys."""
     block_size = k_cache.shape[1]
     first_q = context_len - q.shape[0]
-    lo = max(0, first_q - window + 1)
+    lo = max(0, first_q - window + 1) if window else 0
     first_block, end_block = lo // block_size, -(-context_len // block_size)
     blocks = block_row[first_block:end_block].long()
     start = lo - first_block * block_size
@@ -35,23 +38,41 @@ def _attend_window(
     kf = keys.to(math_dtype).repeat_interleave(group, dim=1)
     vf = values.to(math_dtype).repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.to(math_dtype), kf) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     q_pos = first_q + torch.arange(q.shape[0], device=q.device)[:, None]
     k_pos = lo + torch.arange(keys.shape[0], device=q.device)[None, :]
-    visible = (k_pos <= q_pos) & (k_pos > q_pos - window)
+    visible = k_pos <= q_pos
+    if window:
+        visible &= k_pos > q_pos - window
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), vf).to(q.dtype)
 
 
 def windowed_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float, window: int
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta,
+    scale: float,
+    window: int | None,
+    softcap: float | None = None,
 ):
-    """Attention for the whole mixed batch (decodes first, then prefill chunks) with a sliding window."""
+    """Attention for the whole mixed batch (decodes first, then prefill chunks) with a sliding
+    window and/or Gemma 2's score soft-capping (``tanh(s / cap) * cap`` before the mask)."""
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
         for b, context_len in enumerate(meta.decode_context_lens.tolist()):
             out[b : b + 1] = _attend_window(
-                q[b : b + 1], k_cache, v_cache, meta.decode_block_tables[b], context_len, scale, window
+                q[b : b + 1],
+                k_cache,
+                v_cache,
+                meta.decode_block_tables[b],
+                context_len,
+                scale,
+                window,
+                softcap,
             )
     if nd < q.shape[0]:
         cu = meta.prefill_cu_seqlens.tolist()
@@ -59,6 +80,13 @@ def windowed_attention(
             start, end = nd + cu[b], nd + cu[b + 1]
             if end > start:
                 out[start:end] = _attend_window(
-                    q[start:end], k_cache, v_cache, meta.prefill_block_tables[b], context_len, scale, window
+                    q[start:end],
+                    k_cache,
+                    v_cache,
+                    meta.prefill_block_tables[b],
+                    context_len,
+                    scale,
+                    window,
+                    softcap,
                 )
     return out

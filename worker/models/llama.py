@@ -191,7 +191,7 @@ class LlamaModel:
         if spec.gemma:
             layer.pre_ff_norm = self._norm(w.take(p + "pre_feedforward_layernorm.weight"))
             layer.post_ff_norm = self._norm(w.take(p + "post_feedforward_layernorm.weight"))
-            layer.rope = 1 if layer.window else 0  # sliding layers use the local rope base
+            layer.rope = 1 if layer.window and spec.local_rope_theta is not None else 0  # Gemma 3 local rope
         return layer
 
     @staticmethod
@@ -238,7 +238,9 @@ class LlamaModel:
         hidden = F.embedding(input_ids, self.embed)
         if self.embed_scale is not None:
             hidden = hidden * self.embed_scale
-        longest = self._longest_context(meta) if self.has_windows else 0
+        longest = (
+            self._longest_context(meta) if self.has_windows and spec.attn_logit_softcapping is None else 0
+        )
         residual: torch.Tensor | None = None
         for layer, (k_cache, v_cache) in zip(self.layers, caches, strict=True):
             if residual is None:
@@ -287,8 +289,10 @@ class LlamaModel:
             k = self.ops.rms_norm(k, layer.k_norm, spec.rms_norm_eps)
         q, k = self.ops.apply_rotary(q, k, positions, self.cos_sin[layer.rope], True)
         self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        if layer.window is not None and longest > layer.window:
-            attn = windowed_attention(q, k_cache, v_cache, meta, self.scale, layer.window)
+        if spec.attn_logit_softcapping is not None or (layer.window is not None and longest > layer.window):
+            attn = windowed_attention(
+                q, k_cache, v_cache, meta, self.scale, layer.window, spec.attn_logit_softcapping
+            )
         else:  # within the window, full causal attention is the same thing
             attn = self._attention(q, k_cache, v_cache, meta)
         return F.linear(attn.reshape(t, self.q_size), layer.o, layer.o_bias)
