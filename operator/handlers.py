@@ -256,7 +256,7 @@ async def reconcile(body: kopf.Body, logger: logging.Logger, cause: str) -> dict
                 if not any(p.blocking for p in problems):
                     try:
                         children = desired_children(owner, spec, rt.options.defaults())
-                    except (ValueError, TypeError, ArithmeticError) as exc:  # a value the builders refuse
+                    except Exception as exc:  # noqa: BLE001 - the builders are pure: any failure is the spec
                         problems.append(preflight.Problem("InvalidSpec", f"{type(exc).__name__}: {exc}"))
                 if any(p.blocking for p in problems) or spec.paused:
                     refs = children or all_child_refs(owner)

@@ -89,6 +89,19 @@ async def _check_secret(kube: Kube, namespace: str, ref: SecretRef, field: str) 
 
 def _role_problems(role: str, role_spec: RoleSpec) -> list[Problem]:
     problems = []
+    template = role_spec.pod_template
+    misplaced = sorted(k for k in template if k not in ("metadata", "spec"))
+    not_objects = sorted(
+        k for k in ("metadata", "spec") if k in template and not isinstance(template[k], dict)
+    )
+    if misplaced or not_objects:
+        problems.append(
+            Problem(
+                "InvalidPodTemplate",
+                f"spec.{role}.podTemplate: a pod template patch has only the objects metadata and spec "
+                f"(unexpected: {misplaced + not_objects})",
+            )
+        )
     names = [v.get("name") for v in role_spec.volumes]
     clashes = sorted({n for n in names if n in RESERVED_VOLUMES} | {n for n in names if names.count(n) > 1})
     if clashes:

@@ -207,6 +207,8 @@ def test_strategic_merge_deletes_list_items_by_key() -> None:
     ("role", "reason", "words"),
     [
         ({"volumes": [{"name": "cache", "emptyDir": {}}]}, "InvalidVolumes", "'cache'"),
+        ({"podTemplate": {"metadata": "x"}}, "InvalidPodTemplate", "['metadata']"),
+        ({"podTemplate": {"containers": []}}, "InvalidPodTemplate", "['containers']"),
         (
             {"volumeMounts": [{"name": "nope", "mountPath": "/x"}]},
             "InvalidVolumes",
