@@ -154,7 +154,7 @@ def start_front(system: str, emu: dict[str, Any], args: argparse.Namespace, logd
                     "tokenizer": emu["tokenizer"],
                     "block_size": args.block_size,
                     "max_model_len": 1 << 20,
-                    "workers": [{"address": w["address"]} for w in workers],
+                    "workers": [{"address": w["address"], "role": w["role"]} for w in workers],
                 }
             ],
             # the engine's chunk size and prior prefill rate, as the simulator gives its policies
