@@ -4,8 +4,9 @@ Setup (one machine): two fast mock OpenAI servers (``tests/gateway/fake_openai.p
 answer at once) in one process; each router in front of both; this process as the client. Every
 router runs pinned to core 0 (``taskset``), the client and the mock servers to the other cores,
 so router CPU is measured on a core of its own. Each target gets the same requests at the same
-open-loop Poisson rates; "direct" sends them straight to the mock servers (round robin), and a
-router's *added* latency is its percentile minus direct's at the same rate and mode.
+open-loop Poisson rates, in alternating 1 s windows; "direct" sends them straight to the mock
+servers (round robin), and a router's *added* latency is its percentile minus direct's at the
+same rate and mode.
 
 * tusk: ``python -m tusk.router`` with its default policy (``cost``), info-level logs (one JSON
   line per request), the model's real tokenizer (SmolLM2) and prefix index;
@@ -433,24 +434,35 @@ async def run(args: argparse.Namespace) -> dict:
             await asyncio.sleep(args.idle_s)
             idle[target.name] = (target.cpu_s() - cpu0) / (time.perf_counter() - t0)
             results[target.name]["idle_cpu_pct"] = idle[target.name] * 100
-        for target in targets:  # one request at a time: the added latency with no queueing at all
-            lat = []
-            for body in bodies[False][: args.sequential]:
+        seq: dict[str, list[float]] = {t.name: [] for t in targets}
+        for body in bodies[False][: args.sequential]:  # one request at a time, targets in turn
+            for target in targets:
                 t = time.perf_counter()
                 await target.request(body, "/v1/chat/completions", False)
-                lat.append(time.perf_counter() - t)
+                seq[target.name].append(time.perf_counter() - t)
+        for target in targets:
+            lat = seq[target.name]
             target.close()
             results[target.name]["seq"] = {"p50_ms": _pct(lat, 0.5) * 1e3, "p99_ms": _pct(lat, 0.99) * 1e3}
         for stream in (False, True):
             mode = "stream" if stream else "json"
             for rate in args.rates:
-                for target in targets:  # same run, same arrivals (same seed) for every target
-                    cpu0, t0 = target.cpu_s(), time.perf_counter()
-                    lat, errors = await open_loop(
-                        target, bodies[stream], rate, args.duration, stream, seed=rate
-                    )
-                    cpu = target.cpu_s() - cpu0 - idle[target.name] * (time.perf_counter() - t0)
-                    target.close()
+                # Alternating 1 s windows, every target in turn, so a burst of load from elsewhere on
+                # the machine hits all of them rather than one (same arrivals: same seeds).
+                acc = {t.name: ([], 0, 0.0) for t in targets}
+                for window in range(max(1, round(args.duration))):
+                    for target in targets:
+                        cpu0, t0 = target.cpu_s(), time.perf_counter()
+                        lat, errors = await open_loop(
+                            target, bodies[stream], rate, 1.0, stream, seed=rate * 1000 + window
+                        )
+                        cpu = target.cpu_s() - cpu0 - idle[target.name] * (time.perf_counter() - t0)
+                        target.close()
+                        got, errs, cpus = acc[target.name]
+                        acc[target.name] = (got + lat, errs + errors, cpus + cpu)
+                        await asyncio.sleep(0.1)
+                for target in targets:
+                    lat, errors, cpu = acc[target.name]
                     results[target.name][f"{mode}@{rate}"] = {
                         "p50_ms": _pct(lat, 0.5) * 1e3,
                         "p99_ms": _pct(lat, 0.99) * 1e3,
@@ -458,7 +470,6 @@ async def run(args: argparse.Namespace) -> dict:
                         "errors": errors,
                         "cpu_us_per_req": cpu / max(1, len(lat)) * 1e6 if target.pid else None,
                     }
-                    await asyncio.sleep(0.3)
         for target in targets:
             cpu0 = target.cpu_s()
             rps, errors = await closed_loop(target, bodies[False], args.concurrency, args.max_duration)
@@ -529,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--serve-backends", type=int, help=argparse.SUPPRESS)
     p.add_argument("--rates", type=int, nargs="+", default=[50, 200])
-    p.add_argument("--duration", type=float, default=6.0, help="seconds per rate and target")
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per rate and target (1 s windows)")
     p.add_argument("--max-duration", type=float, default=5.0, help="seconds of the max-throughput run")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--sequential", type=int, default=200, help="requests sent one at a time")
