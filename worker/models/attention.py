@@ -4,7 +4,7 @@ A layer with window ``W`` lets the query at position ``q`` see keys at positions
 ``q - W < k <= q`` (transformers' ``sliding_window_overlay``). While every sequence in the batch is
 shorter than the window that is plain causal attention, and the model uses the fast paged kernels;
 past it, this plain torch path reads only the blocks inside each sequence's window. It runs one
-sequence at a time, so it is meant for correctness first (long windowed contexts), not speed.
+prefill chunk at a time; decodes, the hot path, run as one batched gather and softmax.
 Gemma 2 caps every attention score (``tanh(s / cap) * cap``), which the paged kernels do not do,
 so its layers always take this path.
 """
@@ -49,6 +49,37 @@ def _attend_window(
     return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), vf).to(q.dtype)
 
 
+def _decode_batch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """All decodes at once: each row's last ``span`` positions are gathered from the paged cache
+    into one padded [B, span, Hkv, D] tensor (positions before 0 masked), then one batched softmax."""
+    block_size = k_cache.shape[1]
+    lens = context_lens.long()
+    longest = int(lens.max())  # one host sync per layer call; decodes are the hot path
+    span = min(window, longest) if window else longest
+    pos = lens[:, None] - span + torch.arange(span, device=q.device)[None, :]
+    valid = pos >= 0
+    pos = pos.clamp(min=0)
+    slots = block_tables.long().gather(1, pos // block_size) * block_size + pos % block_size
+    group = q.shape[1] // k_cache.shape[2]
+    math_dtype = torch.promote_types(q.dtype, torch.float32)
+    keys = k_cache.flatten(0, 1)[slots].to(math_dtype).repeat_interleave(group, dim=2)
+    values = v_cache.flatten(0, 1)[slots].to(math_dtype).repeat_interleave(group, dim=2)
+    scores = torch.einsum("bhd,bshd->bhs", q.to(math_dtype), keys) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.einsum("bhs,bshd->bhd", torch.softmax(scores, dim=-1), values).to(q.dtype)
+
+
 def windowed_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -63,17 +94,16 @@ def windowed_attention(
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        for b, context_len in enumerate(meta.decode_context_lens.tolist()):
-            out[b : b + 1] = _attend_window(
-                q[b : b + 1],
-                k_cache,
-                v_cache,
-                meta.decode_block_tables[b],
-                context_len,
-                scale,
-                window,
-                softcap,
-            )
+        out[:nd] = _decode_batch(
+            q[:nd],
+            k_cache,
+            v_cache,
+            meta.decode_context_lens,
+            meta.decode_block_tables,
+            scale,
+            window,
+            softcap,
+        )
     if nd < q.shape[0]:
         cu = meta.prefill_cu_seqlens.tolist()
         for b, context_len in enumerate(meta.prefill_context_lens.tolist()):
