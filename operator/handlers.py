@@ -138,12 +138,20 @@ async def configure(
     settings.watching.client_timeout = 330
     kube = Kube(await asyncio.to_thread(load_api_client))
     _runtime = Runtime(options, kube, preflight.NodeCapacity(kube))
-    memo.beat_task = asyncio.create_task(_beat())  # kept referenced; cancelled with the loop
+    memo.beat_task = asyncio.create_task(_beat())  # kept referenced; cancelled at cleanup
     logger.info(
         "tusk operator configured: worker image %s, resync every %ss",
         options.worker_image,
         options.resync_seconds,
     )
+
+
+@kopf.on.cleanup()
+async def stop_beating(memo: kopf.Memo, **_: Any) -> None:
+    """End the heartbeat with the operator (kopf would otherwise wait for it as a hung task)."""
+    task = getattr(memo, "beat_task", None)
+    if task is not None:
+        task.cancel()
 
 
 def _owner(body: kopf.Body) -> Owner:
@@ -397,10 +405,12 @@ async def _sleep_unless_stopped(stopped: kopf.DaemonStopped, seconds: float) -> 
         left = deadline - asyncio.get_running_loop().time()
         if left <= 0:
             return
-        await asyncio.sleep(min(left, 1.0))
+        await asyncio.sleep(min(left, 0.2))
 
 
-@kopf.daemon(*RESOURCE, cancellation_timeout=5.0)
+# The daemon ends by itself within a nap once stopped; kopf cancels only after the backoff (a
+# cancelled daemon is re-invoked once and held the operator's shutdown for the whole timeout).
+@kopf.daemon(*RESOURCE, cancellation_backoff=1.0, cancellation_timeout=5.0)
 async def resync(stopped: kopf.DaemonStopped, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
     """Drift repair and status refresh: children change without touching the ModelDeployment."""
     while not stopped:
