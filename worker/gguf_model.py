@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tusk.worker.gguf_reader import GGUFFile, GGUFFormatError
 
 GGUF_LINK = "model.gguf"  # inside a prepared folder: a link to the GGUF file itself
 PREPARED_VERSION = "2"  # bump when the prepared files change, so old caches are rebuilt
@@ -87,16 +88,14 @@ def is_gguf(path: str | Path) -> bool:
     )
 
 
-def open_gguf(path: Path):
+def open_gguf(path: Path) -> GGUFFile:
     """A reader over ``path`` whose every tensor lies inside the file (a truncated file is an error)."""
-    from gguf import GGUFReader
-
     if not path.is_file():
         raise GGUFError(f"GGUF file {str(path)!r} does not exist")
     try:
-        reader = GGUFReader(os.fspath(path))
-    except Exception as exc:  # noqa: BLE001 - gguf raises ValueError, struct.error, IndexError...
-        raise GGUFError(f"{path} is not a readable GGUF file: {type(exc).__name__}: {exc}") from None
+        reader = GGUFFile(path)
+    except (GGUFFormatError, OSError, ValueError) as exc:
+        raise GGUFError(f"{path} is not a readable GGUF file: {exc}") from None
     size = path.stat().st_size
     for tensor in reader.tensors:
         if tensor.data_offset + tensor.n_bytes > size or tensor.data.nbytes != tensor.n_bytes:
@@ -104,9 +103,8 @@ def open_gguf(path: Path):
     return reader
 
 
-def _field(reader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.metadata.get(key, default)
 
 
 def hf_config(reader) -> dict[str, Any]:

@@ -286,3 +286,20 @@ def test_gguf_from_the_hub(llama_folder: Path, tmp_path: Path, monkeypatch: pyte
     assert eng.model_id == loader.model_digest(eng.folder)
     with pytest.raises(ModelSourceError, match=r"hf://ORG/NAME/FILE.gguf\[@REVISION\]"):
         resolve_model("hf://org/tiny.gguf")
+
+
+def test_fast_reader_reads_what_gguf_reads(llama_folder: Path, tmp_path: Path) -> None:
+    from tusk.worker.gguf_reader import GGUFFile
+
+    path = save_gguf(tmp_path / "r.gguf", llama_folder, "Q4_1")
+    mine, ref = GGUFFile(path), gguf.GGUFReader(str(path))
+    assert mine.metadata == {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    for a, b in zip(mine.tensors, ref.tensors, strict=True):
+        assert (a.name, a.tensor_type, a.data_offset, a.n_bytes) == (
+            b.name,
+            b.tensor_type,
+            b.data_offset,
+            b.n_bytes,
+        )
+        dequantized = gguf.quants.dequantize(a.data, a.tensor_type)
+        assert np.array_equal(dequantized, gguf.quants.dequantize(b.data, b.tensor_type))
