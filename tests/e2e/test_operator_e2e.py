@@ -86,6 +86,8 @@ def namespace(kubectl: str) -> Iterator[str]:
     run(kubectl, "wait", "--for=condition=Established", "--timeout=60s", f"crd/{manifests.CRD_NAME}")
     name = f"tusk-e2e-{uuid.uuid4().hex[:6]}"
     run(kubectl, "create", "namespace", name)
+    # Every pod the operator creates must be admitted where the restricted standard is enforced.
+    run(kubectl, "label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted")
     yield name
     run(kubectl, "delete", "namespace", name, "--wait=false", check=False)
 
@@ -238,3 +240,29 @@ def test_lifecycle(kubectl: str, namespace: str, operator: Operator) -> None:
         lambda: not get(kubectl, namespace, "deployments", "-l", "tusk.dev/model=e2e")["items"],
         what="children deleted",
     )
+
+
+def test_operator_pods_are_admitted_under_restricted(
+    kubectl: str, namespace: str, operator: Operator
+) -> None:
+    """The namespace enforces the restricted Pod Security Standard: the ReplicaSets get their pods
+    (workers, init container for image://, managed Valkey), whether or not the images can be pulled."""
+    run(
+        kubectl,
+        "-n",
+        namespace,
+        "apply",
+        "-f",
+        "-",
+        stdin=model_deployment("psa", model={"source": "image://busybox:1.36", "imagePath": "/bin"}),
+    )
+
+    def pods_by_component() -> set[str]:
+        pods = get(kubectl, namespace, "pods", "-l", "tusk.dev/model=psa") or {"items": []}
+        return {p["metadata"]["labels"].get("app.kubernetes.io/component") for p in pods["items"]}
+
+    wait_for(lambda: {"decode", "kv-tier"} <= pods_by_component(), timeout=120, what="pods admitted")
+    for rs in (get(kubectl, namespace, "replicasets", "-l", "tusk.dev/model=psa") or {"items": []})["items"]:
+        failures = [c for c in rs.get("status", {}).get("conditions") or [] if c["type"] == "ReplicaFailure"]
+        assert not failures, failures
+    run(kubectl, "-n", namespace, "delete", "md", "psa", "--timeout=60s")
