@@ -20,9 +20,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
 
 import httpx
 import msgspec
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -237,6 +239,42 @@ async def prompt_token_ids(tokenizer: ModelTokenizer, body: dict[str, Any]) -> l
     return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=special)
 
 
+class _EngineFeedCollector:
+    """``tusk_router_engine_kv_events_total{model,worker,outcome}``: what every engine KV event
+    feed of one router applied, skipped or repaired (outcomes are ``FeedStats`` fields and skip
+    reasons), so malformed and lost events show on /metrics, not only in logs."""
+
+    def __init__(self) -> None:
+        self.routes: list[HttpRoutes] = []
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        family = CounterMetricFamily(
+            "tusk_router_engine_kv_events",
+            "Engine (vLLM/SGLang) KV event feed outcomes",
+            labels=["model", "worker", "outcome"],
+        )
+        for routes in self.routes:
+            for subscriber in routes.subscribers:
+                stats = subscriber.feed.stats
+                values = {k: v for k, v in vars(stats).items() if isinstance(v, int)}
+                values.update({f"skipped_{k}": v for k, v in stats.skipped.items()})
+                for outcome, value in values.items():
+                    family.add_metric([routes.runtime.name, subscriber.feed.worker_id, outcome], value)
+        yield family
+
+
+_COLLECTORS: WeakKeyDictionary[Any, _EngineFeedCollector] = WeakKeyDictionary()
+
+
+def _feed_collector(registry: Any) -> _EngineFeedCollector:
+    """One collector per metrics registry, however many models it serves."""
+    collector = _COLLECTORS.get(registry)
+    if collector is None:
+        collector = _COLLECTORS[registry] = _EngineFeedCollector()
+        registry.register(collector)
+    return collector
+
+
 class HttpRoutes:
     """A model's OpenAI HTTP servers inside the tusk router: pool, KV event feeds, proxy."""
 
@@ -257,6 +295,9 @@ class HttpRoutes:
             self.subscribers.append(subscriber)
             if self._started:
                 subscriber.start()
+            collector = _feed_collector(self.runtime.metrics.registry)
+            if self not in collector.routes:
+                collector.routes.append(self)
         if not self._started:
             self._started = True
             self.pool.start()
@@ -268,6 +309,9 @@ class HttpRoutes:
         return any(b.state.healthy for b in self.pool.backends.values())
 
     async def close(self) -> None:
+        collector = _COLLECTORS.get(self.runtime.metrics.registry)
+        if collector is not None and self in collector.routes:
+            collector.routes.remove(self)
         for subscriber in self.subscribers:
             await subscriber.close()
         await self.pool.close()

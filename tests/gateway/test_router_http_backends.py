@@ -96,6 +96,10 @@ async def test_router_proxies_to_openai_servers_and_routes_by_their_kv_events(ti
             await asyncio.sleep(0.02)
             if index.worker_blocks(addresses[1]) >= full // 4:
                 break
+        async with httpx.AsyncClient(timeout=10) as http:
+            metrics = (await http.get(f"{url}/metrics")).text
+        stored = f'tusk_router_engine_kv_events_total{{model="tiny",outcome="stored_blocks",worker="{addresses[1]}"}}'
+        assert stored in metrics
         before = len(backends[1].served)
         for _ in range(3):
             await client.chat.completions.create(model="tiny", messages=other, max_tokens=4)
