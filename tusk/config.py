@@ -169,6 +169,7 @@ class EndpointPickerConfig(_Strict):
     )
     max_body_bytes: int = Field(4 << 20, ge=1024)
     poll_interval_s: float = Field(0.5, gt=0, description="how often servers' /metrics are read")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
 
 
 class ServeConfig(_Strict):
