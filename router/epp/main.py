@@ -45,6 +45,8 @@ class EndpointPickerServer:
         self.address = ""
         self._watch: asyncio.Task[None] | None = None
         self._ready = False
+        self.metrics_port: int | None = None
+        self._metrics_server = None
 
     async def start(self) -> str:
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
@@ -62,6 +64,13 @@ class EndpointPickerServer:
         self.picker.start()
         await self.server.start()
         self._watch = asyncio.get_running_loop().create_task(self._readiness())
+        if self.config.metrics_port is not None:  # picks, engine KV event feeds
+            from prometheus_client import start_http_server
+
+            server, _ = self._metrics_server = start_http_server(
+                self.config.metrics_port, self.config.host, self.picker.metrics.registry
+            )
+            self.metrics_port = int(server.server_address[1])
         host = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         self.address = f"{host}:{port}"
         return self.address
@@ -89,6 +98,8 @@ class EndpointPickerServer:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server[0].shutdown)
         await self.health.enter_graceful_shutdown()  # readiness NOT_SERVING, liveness too
         if self.server is not None:
             await self.server.stop(grace)
@@ -110,6 +121,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--policy", help="routing policy (default: cost)")
     p.add_argument("--fallbacks", type=int, help="fallback endpoints after the primary")
     p.add_argument("--shed-queue-depth", type=int, help="429 when every server has this many queued")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = any free port)")
     p.add_argument("--host", help="listen host")
     p.add_argument("--port", type=int, help="listen port (ext_proc + gRPC health; 0 = any)")
     p.add_argument("--log-level", default="info")
@@ -138,6 +150,7 @@ def load_config(args: argparse.Namespace) -> EndpointPickerConfig:
             ("port", args.port),
             ("fallbacks", args.fallbacks),
             ("shed_queue_depth", args.shed_queue_depth),
+            ("metrics_port", args.metrics_port),
         )
         if v is not None
     }
@@ -158,10 +171,8 @@ async def serve(config: EndpointPickerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    print(
-        json.dumps({"event": "ready", "address": server.address, "models": list(server.picker.models)}),
-        flush=True,
-    )
+    ready = {"event": "ready", "address": server.address, "models": list(server.picker.models)}
+    print(json.dumps({**ready, "metrics_port": server.metrics_port}), flush=True)
     await stop.wait()
     await server.stop()
     return 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from prometheus_client import Counter
 from tusk.router.errors import APIError
 from tusk.router.http_backend import HttpRoutes, prompt_token_ids
 from tusk.router.metrics import RouterMetrics
@@ -113,6 +114,10 @@ class EndpointPicker:
         }
         self.shed = 0
         self.no_endpoint = 0
+        self.picks = Counter(
+            "tusk_epp_picks", "Endpoint picks by outcome (HTTP status answered)", ["status"],
+            registry=self.metrics.registry,
+        )  # fmt: skip
 
     def start(self) -> None:
         for model in self.models.values():
@@ -127,6 +132,15 @@ class EndpointPicker:
         return bool(self.models) and all(m.pool.synced.is_set() for m in self.models.values())
 
     async def pick(self, headers: dict[str, str], raw: bytes, subset: list[str] | None) -> Pick:
+        try:
+            pick = await self._pick(headers, raw, subset)
+        except PickError as exc:
+            self.picks.labels(str(exc.status)).inc()
+            raise
+        self.picks.labels("200").inc()
+        return pick
+
+    async def _pick(self, headers: dict[str, str], raw: bytes, subset: list[str] | None) -> Pick:
         body: dict[str, Any] = {}
         if raw:
             try:

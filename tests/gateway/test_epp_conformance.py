@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from epp_conformance import BUFFERED, Exchange, assert_immediate, assert_routed, served_metadata
@@ -40,6 +41,7 @@ async def cluster(tiny_model: Path) -> AsyncIterator[tuple[EndpointPickerServer,
         fallbacks=2,
         shed_queue_depth=50,
         poll_interval_s=0.1,
+        metrics_port=0,
     )
     server = EndpointPickerServer(config)
     await server.start()
@@ -151,3 +153,7 @@ async def test_health_services(cluster) -> None:
         for service in ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+    await Exchange(server.address).run(b"{not json")
+    async with httpx.AsyncClient(timeout=10) as http:
+        metrics = (await http.get(f"http://127.0.0.1:{server.metrics_port}/metrics")).text
+    assert 'tusk_epp_picks_total{status="400"} 1.0' in metrics
