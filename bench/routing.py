@@ -184,10 +184,15 @@ def decision_bench(workers: int = 64, blocks: int = 1_000_000, decisions: int = 
     # cost again with its claims on (2 s TTL), as it runs live
     variants = [(name, make_policy(name, index, seed=0, claim_routes=False)) for name in POLICY_NAMES]
     variants.append(("cost_with_claims", make_policy("cost", index, claim_routes=True, claim_ttl_s=2.0)))
+    # a virtual clock that jumps 3 s between rounds: each round's claims expire before the next,
+    # so every round pays for claiming (and for expiring the previous round's claims)
+    now = [0.0]
+    index.clock = lambda: now[0]
     for name, policy in variants:
         wall, cpu = [], []
         per_request: list[list[float]] = [[] for _ in requests]
         for _ in range(rounds):
+            now[0] += 3.0
             for i, req in enumerate(requests):
                 t, c = time.perf_counter(), time.thread_time()
                 policy.route(req, states)

@@ -164,8 +164,21 @@ class PrefixIndex:
             return
         self.expire_claims()
         slot = self._slot(worker_id)
+        # _add inlined: this runs on every routing decision, for up to a few hundred blocks
+        blocks = self._blocks[slot]
+        holders = self._holders
+        bit = 1 << slot
+        get = blocks.get
         for h in reversed(hashes):  # tail first, like record_route
-            self._add(slot, h, _CLAIM_BIT)
+            old = get(h)
+            if old is None:
+                blocks[h] = _CLAIM_BIT
+                holders[h] = holders.get(h, 0) | bit
+            else:
+                blocks[h] = old | _CLAIM_BIT
+                blocks.move_to_end(h)
+        while len(blocks) > self.max_blocks_per_worker:
+            self._drop_holder(blocks.popitem(last=False)[0], slot)
         self._claims.append((self.clock() + ttl_s, worker_id, hashes))
 
     def expire_claims(self) -> None:

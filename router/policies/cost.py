@@ -205,7 +205,7 @@ class CostPolicy:
         local = matches.get(w.worker_id, 0)
         return max(0, request.prompt_tokens - max(local, tier) * request.block_size)
 
-    def _claim(self, w: WorkerState, hashes: list[int]) -> None:
+    def _claim(self, w: WorkerState, hashes: list[int], matches: dict[str, int]) -> None:
         """Tell the index ``w`` is about to hold these blocks, before its KV events say so.
 
         Without it, the next turn of a conversation that arrives while this prefill runs
@@ -214,7 +214,10 @@ class CostPolicy:
         only runs ahead of the events, it does not contradict them; an unconfirmed claim
         expires after ``claim_ttl_s`` (llm-d pre-inserts for about 2 s)."""
         if self.claim_routes and hashes:
-            self.index.claim(w.worker_id, hashes, self.claim_ttl_s)
+            # the matched prefix is already held there: claim only the blocks beyond it
+            held = matches.get(w.worker_id, 0)
+            if held < len(hashes):
+                self.index.claim(w.worker_id, hashes[held:] if held else hashes, self.claim_ttl_s)
 
     def route(self, request: RoutingRequest, workers: list[WorkerState]) -> RoutingDecision:
         """``decision.reason`` is one of a fixed set (it is a metrics label):
@@ -240,7 +243,7 @@ class CostPolicy:
             if scores[remote_w.worker_id] > self.saturation_ratio * max(local_ttft, 1e-3):
                 reason = "prefill-saturated"
         if reason is not None:
-            self._claim(local_w, hashes)
+            self._claim(local_w, hashes, matches)
             return RoutingDecision(
                 decode=local_w,
                 reason=reason,
@@ -255,8 +258,8 @@ class CostPolicy:
             return (free - w.running_requests / (max_running + 1), -w.inflight)
 
         decode = max(decode_pool, key=decode_score)
-        self._claim(remote_w, hashes)
-        self._claim(decode, hashes)
+        self._claim(remote_w, hashes, matches)
+        self._claim(decode, hashes, matches)
         return RoutingDecision(
             decode=decode,
             prefill=remote_w,
