@@ -154,11 +154,15 @@ start_local_torch_index() {
   printf '<!DOCTYPE html><html><body><a href="/%s">%s</a></body></html>\n' \
     "${wheel//+/%2B}" "${wheel}" >"${dir}/simple/torch/index.html"
   port_file="$(mktemp)"
-  # Port 0: the OS picks a free one; the server writes it down once it listens.
-  "${python}" - "${dir}" "${port_file}" <<'PY' >/dev/null 2>&1 &
+  # The same port every time when it is free: the index URL is a build argument, and a new value
+  # would invalidate the worker's cached dependency layer. Otherwise the OS picks one.
+  "${python}" - "${dir}" "${port_file}" "${TUSK_TORCH_INDEX_PORT:-47823}" <<'PY' >/dev/null 2>&1 &
 import functools, http.server, sys
 handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
-server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+try:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[3])), handler)
+except OSError:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
 with open(sys.argv[2], "w") as f:
     f.write(str(server.server_address[1]))
 server.serve_forever()

@@ -12,17 +12,25 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python3 -m venv /opt/tusk
 ENV PATH=/opt/tusk/bin:$PATH
 WORKDIR /src
+# Dependencies first, from pyproject.toml alone, so a source change rebuilds only the layer after them.
+COPY pyproject.toml deploy/docker/requirements.py ./
+RUN --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+ && python3 requirements.py router > requirements.txt \
+ && pip install --no-compile -r requirements.txt \
+ && ! pip show torch >/dev/null 2>&1
 # setuptools needs every package folder named in pyproject.toml, even those this image does not use.
-COPY pyproject.toml setup.py README.md ./
+COPY setup.py README.md ./
 COPY tusk ./tusk
 COPY operator ./operator
 COPY router ./router
 COPY worker ./worker
 COPY kernels ./kernels
+# The project itself; pip check proves the layer above holds everything it needs.
 RUN --mount=type=secret,id=ca-bundle \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
- && pip install --no-compile ".[router]" \
- && ! pip show torch >/dev/null 2>&1 \
+ && pip install --no-compile --no-deps . \
+ && pip check \
  && python -m pip uninstall -q -y pip \
  && find /opt/tusk -name '__pycache__' -prune -exec rm -rf {} +
 

