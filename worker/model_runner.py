@@ -99,7 +99,8 @@ class ModelRunner:
             items = [batch[i] for i in sampled_items]
             raw = logits
             logits = self._process_logits(logits, items)
-            tokens = K.sample(logits, self._sampling_batch(items)).tolist()
+            # the model's ops are bound to their backend once (no per-call dispatch or validation)
+            tokens = self.model.ops.sample(logits, self._sampling_batch(items)).tolist()
             for i, tok in zip(sampled_items, tokens, strict=True):
                 results[i] = int(tok)
             wanted = [r for r, s in enumerate(items) if s.seq.sampling.logprobs is not None]
