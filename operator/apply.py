@@ -11,11 +11,12 @@ longer wants (``null``), only under the maps it owns outright.
 
 from __future__ import annotations
 
+import copy
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from tusk.operator.desired import GENERATED_KEYS_ANNOTATION
+from tusk.operator.desired import GENERATED_KEYS_ANNOTATION, POD_FIELDS_ANNOTATION
 from tusk.operator.kube import ApiError, Kube
 
 # Maps the operator owns completely: extra keys found there are removed, not kept.
@@ -113,12 +114,23 @@ def drift_patch(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]
     patch: dict[str, Any] = {}
     for key in ("spec", "data"):
         if key in desired:
-            patch[key] = desired[key]
+            patch[key] = copy.deepcopy(desired[key])  # removals are written into it below
     patch["metadata"] = {
         "labels": desired["metadata"].get("labels", {}),
         "ownerReferences": desired["metadata"]["ownerReferences"],
     }
+    if desired["metadata"].get("annotations"):
+        patch["metadata"]["annotations"] = desired["metadata"]["annotations"]
     removals = False
+    if kind == "Deployment":
+        # Pod-spec fields written last time (podTemplate extras) that the spec no longer sets.
+        written = ((live.get("metadata") or {}).get("annotations") or {}).get(POD_FIELDS_ANNOTATION) or ""
+        live_pod = _get(live, ("spec", "template", "spec")) or {}
+        desired_pod = _get(desired, ("spec", "template", "spec")) or {}
+        for name in filter(None, written.split(",")):
+            if name not in desired_pod and name in live_pod:
+                removals = True
+                _set(patch, ("spec", "template", "spec", name), None)
     for path in OWNED_MAPS.get(kind, []):
         live_map, desired_map = _get(live, path), _get(desired, path) or {}
         if isinstance(live_map, dict):

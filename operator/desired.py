@@ -31,6 +31,9 @@ TMP_MOUNT = "/tmp"
 # One scheme for every worker image: {flavor} is the accelerator's build (cpu, cuda, rocm, xpu).
 DEFAULT_WORKER_IMAGE = "ghcr.io/tusk-dev/tusk-worker-{flavor}:0.1.0"
 SERVED_NAMES_ANNOTATION = "tusk.dev/served-model-names"
+# On a worker Deployment: the pod-spec fields this operator wrote, so a field that a podTemplate
+# added (or removed) and later stops adding is taken away again, as kubectl apply's last-applied does.
+POD_FIELDS_ANNOTATION = "tusk.dev/pod-spec-fields"
 KV_PASSWORD_ENV = "TUSK_KV_TIER_PASSWORD"
 KV_URL_ENV = "TUSK_KV_TIER_URL"
 KV_PASSWORD_KEY = "password"
@@ -602,10 +605,13 @@ def worker_deployment(
         # The selector labels must survive any override, or the Deployment would be refused.
         template.setdefault("metadata", {}).setdefault("labels", {}).update(pod_labels)
     rollout = role_spec.rollout
+    fields = ",".join(sorted(template.get("spec") or {}))
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(owner, child_name(owner.name, role), pod_labels),
+        "metadata": _metadata(
+            owner, child_name(owner.name, role), pod_labels, annotations={POD_FIELDS_ANNOTATION: fields}
+        ),
         "spec": {
             "replicas": role_spec.replicas,
             # maxSurge 0 by default: a rollout must not need a spare GPU on a full cluster.

@@ -417,3 +417,34 @@ def test_drift_detection_ignores_server_defaults_and_repairs_changes() -> None:
     assert patch["spec"]["template"]["spec"]["nodeSelector"] is None
     # Quantities come back from the server as strings.
     assert is_subset({"limits": {"nvidia.com/gpu": 1}}, {"limits": {"nvidia.com/gpu": "1"}})
+
+
+def test_fields_a_pod_template_stops_setting_are_removed() -> None:
+    """Like kubectl apply's last-applied: what the operator wrote and no longer writes goes."""
+    with_override = parse_spec(
+        {
+            "model": {"source": "tiny"},
+            "decode": {
+                "podTemplate": {
+                    "spec": {
+                        "hostAliases": [{"ip": "10.0.0.1", "hostnames": ["hub"]}],
+                        "enableServiceLinks": None,
+                    }
+                }
+            },
+        }
+    )
+    first = _by_name(desired_children(OWNER, with_override))["Deployment", "llama-decode"]
+    live = json.loads(json.dumps(first))
+    live["spec"]["template"]["spec"]["dnsPolicy"] = "ClusterFirst"  # a server default, never ours
+    assert drift_patch(first, live) is None
+
+    plain = _by_name(desired_children(OWNER, parse_spec({"model": {"source": "tiny"}})))[
+        "Deployment", "llama-decode"
+    ]
+    patch = drift_patch(plain, live)
+    pod_patch = patch["spec"]["template"]["spec"]
+    assert pod_patch["hostAliases"] is None  # added by the override, now gone
+    assert pod_patch["enableServiceLinks"] is False  # removed by the override, back
+    assert "dnsPolicy" not in pod_patch
+    assert "hostAliases" not in plain["spec"]["template"]["spec"]  # the desired object is untouched
