@@ -160,31 +160,18 @@ class EnvoyProcess:
         self.url = ""
 
     def start(self, timeout: float = 60.0) -> str:
-        from tusk.supervisor import _die_with_parent
-
         config_path = self.folder / "envoy.json"
         config_path.write_text(json.dumps(self.config))
         admin_file = self.folder / "admin"
+        argv = [self.binary, "-c", str(config_path), "--admin-address-path", str(admin_file)]
+        argv += ["--log-level", "warning", "--concurrency", "1", "--disable-hot-restart"]
+        # No preexec_fn: forking a process that runs gRPC and then running Python in the child
+        # is unsafe (gRPC's fork handlers); setpriv sets the parent-death signal and execs Envoy.
+        setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+        if setpriv:
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    self.binary,
-                    "-c",
-                    str(config_path),
-                    "--admin-address-path",
-                    str(admin_file),
-                    "--log-level",
-                    "warning",
-                    "--concurrency",
-                    "1",
-                    "--base-id",
-                    str(os.getpid() % 60000 + 1),  # lets several Envoys share the machine
-                ],
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-            )
+            self.process = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
