@@ -33,6 +33,29 @@ _KNOWN_PARTS: dict[str, tuple[float, float]] = {
 }
 
 
+# Shared memory (NVIDIA) / LDS (AMD) one kernel block may use, in bytes, by compile target: the
+# opt-in maximum per block. Triton launch configs must fit it (kernels/triton_backend.py).
+SHARED_MEMORY_LIMITS: dict[str, int] = {
+    "sm_80": 166912,  # A100
+    "sm_86": 101376,  # RTX 30xx, A10/A40
+    "sm_87": 166912,  # Jetson Orin
+    "sm_89": 101376,  # L4, L40S, RTX 40xx (the ~99 KiB of consumer parts)
+    "sm_90": 232448,  # H100, H200
+    "sm_100": 232448,  # B200
+    "sm_120": 101376,  # RTX 50xx
+    "gfx90a": 65536,  # MI210/MI250X
+    "gfx942": 65536,  # MI300X/MI300A/MI325X: 64 KiB LDS
+    "gfx950": 163840,  # MI350/MI355X: 160 KiB LDS
+}
+# Unknown targets (new parts, Intel XPU) get the smallest limit of the table.
+DEFAULT_SHARED_MEMORY = 65536
+
+
+def shared_memory_limit(target: str | None) -> int:
+    """The per-block shared memory of a compile target name ("sm_90", "gfx942", ...)."""
+    return SHARED_MEMORY_LIMITS.get(target or "", DEFAULT_SHARED_MEMORY)
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """What dispatch and the benchmark need to know about one device."""
@@ -44,6 +67,8 @@ class DeviceInfo:
     supports_bf16: bool
     memory_bandwidth_gbs: float | None
     peak_bf16_tflops: float | None
+    target: str | None = None  # compile target: "sm_90", "gfx942"; None on CPU/MPS/XPU
+    shared_memory_bytes: int | None = None  # per block, what Triton configs must fit
 
 
 def device_kind(device: torch.device | str) -> str:
@@ -84,12 +109,22 @@ def _detect(device: torch.device) -> DeviceInfo:
         capability = (props.major, props.minor)
         bf16 = torch.cuda.is_bf16_supported()
         bandwidth, peak = _known_part(name if kind == "cuda" else getattr(props, "gcnArchName", name) + name)
-        return DeviceInfo(kind, torch.device("cuda", index), name, capability, bf16, bandwidth, peak)
+        if kind == "cuda":
+            target = f"sm_{props.major}{props.minor}"
+            shared = getattr(props, "shared_memory_per_block_optin", None) or shared_memory_limit(target)
+        else:
+            target = str(getattr(props, "gcnArchName", "")).split(":")[0] or None
+            shared = shared_memory_limit(target)
+        return DeviceInfo(
+            kind, torch.device("cuda", index), name, capability, bf16, bandwidth, peak, target, int(shared)
+        )
     if kind == "xpu":
         index = device.index or 0
         name = torch.xpu.get_device_name(index)
         bandwidth, peak = _known_part(name)
-        return DeviceInfo(kind, torch.device("xpu", index), name, None, True, bandwidth, peak)
+        return DeviceInfo(
+            kind, torch.device("xpu", index), name, None, True, bandwidth, peak, None, DEFAULT_SHARED_MEMORY
+        )
     if kind == "mps":
         return DeviceInfo(kind, torch.device("mps"), "Apple MPS", None, True, None, None)
     import platform

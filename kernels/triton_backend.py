@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from tusk.kernels.autotune import Config, bucket, tuner_for
-from tusk.kernels.device import detect_device
+from tusk.kernels.device import detect_device, shared_memory_limit
 from tusk.kernels.registry import FLOAT_DTYPES, register, triton_available
 
 TRITON_DEVICES = frozenset({"cuda", "rocm", "xpu", "cpu"})
@@ -171,6 +171,74 @@ def _dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
     return compute_f32, "ieee" if compute_f32 else "tf32"
 
 
+# Shared memory a paged attention launch needs, in bytes: the query (or head-group) tile plus one
+# K and one V tile, each BLOCK_D wide in the dot dtype (fp32 when COMPUTE_F32), plus, on NVIDIA,
+# the fp32 score tile staged for the second dot. An upper bound of what Triton 3.x allocates,
+# checked against the real compiler for sm_90, sm_89 and gfx942 (tests/kernels/test_triton_compile.py).
+SMEM_MARGIN = 1024
+
+
+def attention_shared_bytes(
+    rows: int, block_n: int, block_d: int, dtype: torch.dtype, target: str | None, compute_f32: bool
+) -> int:
+    """Estimated shared memory of one decode (rows = BLOCK_G) or prefill (rows = BLOCK_M) block."""
+    element = 4 if compute_f32 or dtype == torch.float32 else 2
+    scores = rows * block_n * 4 if not (target or "").startswith("gfx") else 0
+    return (rows + 2 * block_n) * block_d * element + scores + SMEM_MARGIN
+
+
+def fitting(candidates: list[Config], limit: int, estimate) -> list[Config]:
+    """The candidates whose estimated shared memory fits ``limit`` (order kept); at least the smallest."""
+    kept = [c for c in candidates if estimate(c) <= limit]
+    return kept or [min(candidates, key=estimate)]
+
+
+def decode_candidates(
+    dtype: torch.dtype, group: int, dim: int, target: str | None, limit: int, split_options: list[int],
+    heuristic_splits: int, compute_f32: bool,
+) -> list[Config]:  # fmt: skip
+    """Decode launch configs for a target, heuristic first, every one within its shared memory."""
+    candidates = [
+        {"BLOCK_N": n, "num_warps": w, "splits": s}
+        for n in (32, 64, 128, 16)
+        for w in (4, 8)
+        for s in split_options
+    ]
+    candidates.sort(key=lambda c: (c["splits"] != heuristic_splits, c["BLOCK_N"] != 32, c["num_warps"] != 4))
+    block_g, block_d = max(16, _p2(group)), max(16, _p2(dim))
+    return fitting(
+        candidates,
+        limit,
+        lambda c: attention_shared_bytes(block_g, c["BLOCK_N"], block_d, dtype, target, compute_f32),
+    )
+
+
+def prefill_candidates(
+    dtype: torch.dtype, dim: int, target: str | None, limit: int, compute_f32: bool
+) -> list[Config]:
+    """Prefill launch configs for a target, preferred first, every one within its shared memory."""
+    candidates = [
+        {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+        for m, n in ((64, 64), (128, 64), (64, 32), (32, 64), (32, 32), (16, 16))
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+    block_d = max(16, _p2(dim))
+    return fitting(
+        candidates,
+        limit,
+        lambda c: attention_shared_bytes(c["BLOCK_M"], c["BLOCK_N"], block_d, dtype, target, compute_f32),
+    )
+
+
+def _target(device: torch.device) -> tuple[str | None, int]:
+    """(compile target, shared memory per block) of a GPU; the interpreter has no limit."""
+    if device.type == "cpu":
+        return None, 1 << 30
+    info = detect_device(device)
+    return info.target, info.shared_memory_bytes or shared_memory_limit(info.target)
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -224,13 +292,10 @@ def paged_decode_attention(q, k_cache, v_cache, context_lens, block_tables, scal
     split_options = sorted({heuristic_splits, max(1, heuristic_splits // 2), min(64, heuristic_splits * 2)})
     if FORCED_DECODE_SPLITS is not None:
         split_options = [FORCED_DECODE_SPLITS]
-    candidates = [
-        {"BLOCK_N": n, "num_warps": w, "splits": s}
-        for n in (32, 64, 128)
-        for w in (4, 8)
-        for s in split_options
-    ]
-    candidates.sort(key=lambda c: (c["splits"] != heuristic_splits, c["BLOCK_N"] != 32, c["num_warps"] != 4))
+    target, limit = _target(q.device)
+    candidates = decode_candidates(
+        q.dtype, group, dim, target, limit, split_options, heuristic_splits, compute_f32
+    )
     shape_bucket = (
         q.dtype,
         q_heads,
@@ -277,13 +342,8 @@ def paged_prefill_attention(
     if tk.interpreting():
         candidates = [{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}]
     else:
-        candidates = [
-            {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-            for m in (64, 128, 32)
-            for n in (64, 32)
-            for w in (4, 8)
-            for s in (2, 3)
-        ]
+        target, limit = _target(q.device)
+        candidates = prefill_candidates(q.dtype, dim, target, limit, compute_f32)
     shape_bucket = (q.dtype, q_heads, kv_heads, dim, block_size, bucket(total), bucket(max_q_len))
     launch(_tune("paged_prefill", q.device, shape_bucket, candidates, launch))
     return out

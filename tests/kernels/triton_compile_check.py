@@ -4,8 +4,14 @@ Triton's frontend, LLVM and ptxas (bundled in the wheel) run offline, so this ca
 that only the interpreter accepts (non-constexpr globals, bad dot shapes, shared memory blow-ups).
 Must run with TRITON_INTERPRET unset: the interpreter replaces triton's standard library.
 
-    python tests/kernels/triton_compile_check.py            # sm_90, bf16, attention + norm
+    python tests/kernels/triton_compile_check.py            # sm_90, bf16, attention + norm;
+                                                            # + shared-memory limits (below)
     python tests/kernels/triton_compile_check.py --full     # + fp32, every kernel, + ROCm gfx942
+
+Shared-memory limits: for gfx942 (MI300X, 64 KiB LDS), sm_89 (L4/L40S/RTX 40xx, 99 KiB) and
+sm_90 (H100/H200, 227 KiB), the fp32 attention configs the Triton backend would use on that
+target, at head dim 128 (the one with the largest estimate it allows), must compile to at most
+the target's shared memory and to at most the backend's estimate. fp32 is the worst case: bf16 tiles take half the bytes.
 """
 
 from __future__ import annotations
@@ -16,11 +22,17 @@ import json
 import os
 import sys
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
+from tusk.kernels import triton_backend as tb
 from tusk.kernels import triton_kernels as tk
+from tusk.kernels.device import shared_memory_limit
+
+LIMIT_TARGETS = {"gfx942": GPUTarget("hip", "gfx942", 64), "sm_89": GPUTarget("cuda", 89, 32),
+                 "sm_90": GPUTarget("cuda", 90, 32)}  # fmt: skip
 
 
 def _source(kernel, types: dict[str, str], constexprs: dict[str, object]) -> ASTSource:
@@ -73,6 +85,60 @@ def kernel_specs(dt: str, full: bool):
         yield "write_kv_kernel", kv, {"BLOCK_H": 8, "BLOCK_D": 128}
 
 
+def limit_specs(head_dim: int = 128, group: int = 4):
+    """(target, kernel, types, constexprs, options, estimate) of the configs to hold to each limit."""
+    p = "*fp32"
+    dots = {"COMPUTE_F32": True, "PRECISION": "ieee"}
+    attention = {"q_ptr": p, "kc_ptr": p, "vc_ptr": p, "tables_ptr": "*i32", "lens_ptr": "*i32",
+                 "out_ptr": p, "scale": "fp32"}  # fmt: skip
+    partials = {"part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"}
+    block_g, block_d = max(16, tb._p2(group)), max(16, tb._p2(head_dim))
+    for name in LIMIT_TARGETS:
+        limit = shared_memory_limit(name)
+
+        def largest(configs, rows, target=name):
+            """The allowed config with the largest estimate: where the bound is tightest."""
+
+            def size(c):
+                return tb.attention_shared_bytes(rows(c), c["BLOCK_N"], block_d, torch.float32, target, True)
+
+            worst = max(configs, key=size)
+            return [(worst, size(worst))]
+
+        decode = tb.decode_candidates(torch.float32, group, head_dim, name, limit, [4], 4, True)
+        for config, estimate in largest(decode, lambda c: block_g):
+            constexprs = {"NUM_SPLITS": config["splits"], **dots, "BLOCK_G": block_g,
+                          "BLOCK_N": config["BLOCK_N"], "BLOCK_D": block_d}  # fmt: skip
+            yield name, "paged_decode_kernel", {**attention, **partials}, constexprs, {
+                "num_warps": config["num_warps"]}, estimate  # fmt: skip
+        prefill = tb.prefill_candidates(torch.float32, head_dim, name, limit, True)
+        for config, estimate in largest(prefill, lambda c: c["BLOCK_M"]):
+            constexprs = {
+                **dots,
+                "BLOCK_M": config["BLOCK_M"],
+                "BLOCK_N": config["BLOCK_N"],
+                "BLOCK_D": block_d,
+            }
+            options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+            yield name, "paged_prefill_kernel", {**attention, "cu_ptr": "*i32"}, constexprs, options, estimate
+
+
+def check_limits() -> list[dict]:
+    results = []
+    for name, kernel, types, constexprs, options, estimate in limit_specs():
+        row = {"kernel": kernel, "target": name, "dtype": "fp32", "limit": shared_memory_limit(name),
+               "estimate": estimate, "config": {**constexprs, **options}}  # fmt: skip
+        try:
+            compiled = triton.compile(_source(getattr(tk, kernel), types, constexprs), target=LIMIT_TARGETS[name],
+                                      options=options)  # fmt: skip
+            shared = compiled.metadata.shared
+            row.update(ok=shared <= row["limit"] and shared <= estimate, shared_bytes=shared)
+        except Exception as exc:  # report every failure, not just the first
+            row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+        results.append(row)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--full", action="store_true")
@@ -93,6 +159,7 @@ def main() -> int:
                 except Exception as exc:  # report every failure, not just the first
                     results.append({"kernel": name, "target": f"{target.backend}:{target.arch}", "dtype": dt,
                                     "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]})  # fmt: skip
+    results += check_limits()
     print(json.dumps(results))
     return 0 if all(r["ok"] for r in results) else 1
 
