@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -62,9 +63,12 @@ def reference() -> Reference:
 
 
 @pytest.fixture(scope="module")
-def served(tusk_cache_dir: Path) -> Iterator[Served]:
+def serve_starting(tusk_cache_dir: Path) -> Iterator[Future]:
+    """`tusk serve` starting in the background, so transformers loads its copy meanwhile."""
     env = dict(os.environ, TUSK_CACHE_DIR=str(tusk_cache_dir))
-    served = start_serve(
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(
+        start_serve,
         [
             "--model",
             str(GGUF),
@@ -78,11 +82,17 @@ def served(tusk_cache_dir: Path) -> Iterator[Served]:
             "512",
         ],
         env,
-        timeout=600,
+        600,
     )
-    yield served
-    if served.process.poll() is None:
-        stop_serve(served)
+    yield future
+    pool.shutdown(wait=True)
+    if future.exception() is None and future.result().process.poll() is None:
+        stop_serve(future.result())
+
+
+@pytest.fixture(scope="module")
+def served(serve_starting: Future, reference: Reference) -> Served:
+    return serve_starting.result()
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +140,7 @@ def test_prompt_longer_than_64_blocks_then_prefix_reuse(client, served, referenc
         "Tusk serves language models on Kubernetes. Each worker keeps a paged KV cache, and the "
         "router sends a request to the worker that already holds most of its prefix. "
     )
-    prefix = paragraph * 36
+    prefix = paragraph * 29  # 1,080 tokens with the question
     first = client.completions.create(
         model=served.model, prompt=prefix + "In one word, tusk is", max_tokens=8, temperature=0
     )
