@@ -12,7 +12,9 @@ from tusk.model_source import ModelSourceError, resolve_model
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tusk model", description=__doc__)
     sub = parser.add_subparsers(dest="action", required=True)
-    fetch = sub.add_parser("fetch", help="resolve a model (tiny, DIR or hf://org/name) and print its folder")
+    fetch = sub.add_parser(
+        "fetch", help="resolve a model (tiny, DIR, hf://org/name or a GGUF file) and print its folder"
+    )
     fetch.add_argument("model")
     fetch.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
