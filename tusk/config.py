@@ -54,6 +54,7 @@ class EngineConfig(_Strict):
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=1)
     kernel_backend: str | None = Field(None, description="force a tusk.kernels backend (torch, triton)")
+    torch_compile: bool = Field(False, description="torch.compile the MLPs (CPU; first steps compile)")
     seed: int = 0
 
     @model_validator(mode="after")

@@ -103,6 +103,10 @@ class LLMEngine:
         started = time.monotonic()
         weights = loader.load_weights(self.folder, self.dtype, self.device)
         self.model = LlamaModel(spec, weights, self.max_model_len)
+        if config.torch_compile:
+            from tusk.worker.compiled import compile_model
+
+            compile_model(self.model)
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         self.kv_cache = torch.zeros(
             (spec.num_layers, 2, self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim),
