@@ -4,8 +4,9 @@ Two workers may share KV blocks only if they run the very same weights, so the i
 all of them; a sample (first and last bytes of each shard) lets two checkpoints that differ in a
 middle layer read each other's blocks. Hashing a large checkpoint takes a while, so each weight
 file's SHA-256 is computed once and cached beside the files in ``.tusk-fingerprint``, keyed by the
-file's size and modification time; where the folder is read-only nothing is cached and the hash
-is computed at every start. Files from the Hugging Face cache need no hashing at all: a snapshot
+file's size and modification time; where the folder is read-only (a model volume) the cache goes
+to the tusk cache folder instead (``$TUSK_CACHE_DIR/fingerprints/``), and where neither is
+writable the hash is computed at every start. Files from the Hugging Face cache need no hashing at all: a snapshot
 file links to ``blobs/<sha256>``, the hub's own SHA-256 of its content.
 
 A GGUF model's identity is the SHA-256 of the GGUF file itself (its prepared folder's config is
@@ -39,26 +40,44 @@ def hub_blob_sha256(path: Path) -> str | None:
     return None
 
 
+def _cache_paths(folder: Path) -> list[Path]:
+    """Beside the weights first, then in the tusk cache (keyed by the folder's location)."""
+    from tusk.tiny_model import default_cache_dir
+
+    key = hashlib.blake2b(str(folder.resolve()).encode(), digest_size=8).hexdigest()
+    return [folder / CACHE_FILE, default_cache_dir() / "fingerprints" / f"{key}.json"]
+
+
 def _read_cache(folder: Path) -> dict:
-    try:
-        cache = json.loads((folder / CACHE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return cache.get("files", {}) if cache.get("version") == _CACHE_VERSION else {}
+    files: dict = {}
+    for path in reversed(_cache_paths(folder)):  # beside the weights wins
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if cache.get("version") == _CACHE_VERSION:
+            files.update(cache.get("files", {}))
+    return files
 
 
 def _write_cache(folder: Path, files: dict) -> None:
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=CACHE_FILE, dir=folder)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": _CACHE_VERSION, "files": files}, f, indent=1)
-        os.replace(tmp, folder / CACHE_FILE)
-    except OSError as exc:  # a read-only model volume: hash again next start
-        log.info("cannot cache weight hashes in %s (%s); they will be computed at every start", folder, exc)
+    for path in _cache_paths(folder):
+        tmp = None
         try:
-            os.unlink(tmp)
-        except (OSError, UnboundLocalError):
-            pass
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=CACHE_FILE, dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": _CACHE_VERSION, "files": files}, f, indent=1)
+            os.replace(tmp, path)
+            return
+        except OSError as exc:
+            log.info("cannot cache weight hashes in %s (%s)", path, exc)
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+    log.warning("weight hashes of %s cannot be cached; they are computed at every start", folder)
 
 
 def file_sha256s(folder: Path, files: list[Path]) -> dict[str, str]:

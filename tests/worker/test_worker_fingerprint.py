@@ -35,7 +35,7 @@ def test_checkpoints_differing_only_in_a_middle_layer_differ(tmp_path: Path) -> 
     assert loader.model_digest(a) == loader.model_digest(a)
 
 
-def test_hashes_are_cached_by_size_and_mtime(tmp_path: Path) -> None:
+def test_hashes_are_cached_by_size_and_mtime(tmp_path: Path, monkeypatch) -> None:
     folder = save_model(tmp_path / "m", "llama", seed=32)
     first = loader.model_digest(folder)
     cache = json.loads((folder / CACHE_FILE).read_text())
@@ -53,6 +53,15 @@ def test_hashes_are_cached_by_size_and_mtime(tmp_path: Path) -> None:
     shutil.copytree(folder, unwritable)
     (unwritable / CACHE_FILE).unlink()
     (unwritable / CACHE_FILE).mkdir()  # stands in for a read-only volume (tests run as root)
+    monkeypatch.setenv("TUSK_CACHE_DIR", str(tmp_path / "cache"))
+    assert loader.model_digest(unwritable) == first
+    [fallback] = (tmp_path / "cache" / "fingerprints").iterdir()  # cached in the tusk cache instead
+    cached = json.loads(fallback.read_text())
+    cached["files"]["model.safetensors"]["sha256"] = "1" * 64
+    fallback.write_text(json.dumps(cached))
+    assert loader.model_digest(unwritable) != first  # and used from there
+    (tmp_path / "cache").rename(tmp_path / "cache-gone")
+    (tmp_path / "cache").write_text("")  # neither place writable: computed every time
     assert loader.model_digest(unwritable) == first
 
 
