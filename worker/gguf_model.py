@@ -118,19 +118,27 @@ def hf_config(reader) -> dict[str, Any]:
     def key(name: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{name}", default)
 
+    def required(name: str) -> int:
+        value = key(name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise GGUFError(f"GGUF metadata lacks {arch}.{name} (or it is not a single integer)")
+        return value
+
     names = {t.name for t in reader.tensors}
-    heads = int(key("attention.head_count"))
-    hidden = int(key("embedding_length"))
+    heads = required("attention.head_count")
+    hidden = required("embedding_length")
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
     config: dict[str, Any] = {
         "architectures": [GGUF_ARCHITECTURES[arch]],
         "model_type": arch,
         "vocab_size": int(key("vocab_size", len(tokens))),
         "hidden_size": hidden,
-        "intermediate_size": int(key("feed_forward_length")),
-        "num_hidden_layers": int(key("block_count")),
+        "intermediate_size": required("feed_forward_length"),
+        "num_hidden_layers": required("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+        "num_key_value_heads": required("attention.head_count_kv")
+        if key("attention.head_count_kv") is not None
+        else heads,
         "head_dim": int(key("attention.key_length") or key("rope.dimension_count") or hidden // heads),
         "hidden_act": "silu",
         "max_position_embeddings": int(key("context_length", 2048)),

@@ -201,6 +201,17 @@ def test_bad_gguf_files_are_one_line_errors(
     writer.close()
     assert "GGUF architecture 'falcon' is not supported" in _load_error(source)
 
+    headless = tmp_path / "no-heads.gguf"
+    writer = gguf.GGUFWriter(str(headless), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert "GGUF metadata lacks llama.attention.head_count" in _load_error(headless)
+
 
 def write_sentencepiece_gguf(path: Path) -> Path:
     """A GGUF whose vocabulary is SentencePiece BPE (``tokenizer.ggml.model == "llama"``), as
