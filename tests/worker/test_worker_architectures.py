@@ -98,3 +98,17 @@ def test_qwen3_moe_with_a_dense_layer(tmp_path: Path) -> None:
     folder = save_model(tmp_path / "qwen3moe", "qwen3_moe", seed=26, num_hidden_layers=3, mlp_only_layers=[1])
     eng = check(folder)
     assert eng.spec.moe_layers == (True, False, True) and not eng.spec.moe_renormalize
+
+
+def test_missing_expert_is_named(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+    from tusk.worker.loader import ModelLoadError
+
+    folder = save_model(tmp_path / "mixtral", "mixtral", seed=28)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(
+        ModelLoadError, match=r"lacks tensors MixtralForCausalLM needs: .*experts\.2\.w3\.weight$"
+    ):
+        LLMEngine(folder, EngineConfig(num_kv_blocks=4))

@@ -201,15 +201,18 @@ class LlamaModel:
         else:
             block, gate, up, down = p + "mlp.", "gate_proj", "up_proj", "down_proj"
         e = range(spec.num_experts)
+        gate_up = [
+            w.take_cat([f"{block}experts.{j}.{gate}.weight", f"{block}experts.{j}.{up}.weight"]) for j in e
+        ]
+        down_proj = [w.take(f"{block}experts.{j}.{down}.weight") for j in e]
+
+        def stack(parts: list[torch.Tensor]) -> torch.Tensor:  # a missing expert is reported later
+            return torch.stack(parts) if len({t.shape for t in parts}) == 1 else torch.empty(0)
+
         return _Experts(
             router=w.take(block + "gate.weight"),
-            gate_up=torch.stack(
-                [
-                    w.take_cat([f"{block}experts.{j}.{gate}.weight", f"{block}experts.{j}.{up}.weight"])
-                    for j in e
-                ]
-            ),
-            down=torch.stack([w.take(f"{block}experts.{j}.{down}.weight") for j in e]),
+            gate_up=stack(gate_up),
+            down=stack(down_proj),
             top_k=spec.experts_per_token,
             renormalize=spec.moe_renormalize,
         )
