@@ -21,6 +21,7 @@ from tusk.config import EngineConfig, KVTierConfig, Role, WorkerConfig
 from tusk.kvserver import server_args
 
 GRPC_PORT = 50051
+HTTP_PORT = 8000  # decode workers' OpenAI HTTP API (a Gateway's InferencePool targets it)
 METRICS_PORT = 9090
 KV_PORT = 6379
 CONFIG_MOUNT = "/etc/tusk"
@@ -361,6 +362,7 @@ def worker_config(owner: Owner, spec: ModelDeploymentSpec, role: str) -> WorkerC
         host="0.0.0.0",
         port=GRPC_PORT,
         metrics_port=METRICS_PORT,
+        http_port=HTTP_PORT if role == "decode" else None,
         engine=engine,
         kv_tier=KVTierConfig(url=kv_tier_url(owner, spec)),
     )
@@ -559,6 +561,7 @@ def worker_deployment(
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            *([{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}] if role == "decode" else []),
         ],
         "env": worker_env(owner, spec, role_spec),
         "volumeMounts": mounts + list(role_spec.volume_mounts),

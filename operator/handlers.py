@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
-from tusk.operator import apply, preflight
+from tusk.operator import apply, inference_pool, preflight
 from tusk.operator.desired import (
     DEFAULT_WORKER_IMAGE,
     WORKER_ROLES,
@@ -266,6 +266,8 @@ async def reconcile(body: kopf.Body, logger: logging.Logger, cause: str) -> dict
                         children = desired_children(owner, spec, rt.options.defaults())
                     except Exception as exc:  # noqa: BLE001 - the builders are pure: any failure is the spec
                         problems.append(preflight.Problem("InvalidSpec", f"{type(exc).__name__}: {exc}"))
+                    if children:  # the Gateway API InferencePool, where its CRD is installed
+                        children += await inference_pool.desired(rt.kube, owner)
                 if any(p.blocking for p in problems) or spec.paused:
                     refs = children or all_child_refs(owner)
                     live = await apply.read_children(rt.kube, refs)
@@ -434,6 +436,7 @@ async def on_delete(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
     async with _lock(owner):  # after any pass in flight, so it cannot recreate what goes now
         try:
             deleted = await apply.delete_children(rt.kube, all_child_refs(owner), owner.uid)
+            deleted += await inference_pool.delete(rt.kube, owner)
             selector = config_selector(owner)
             for config in await rt.kube.list("ConfigMap", owner.namespace, label_selector=selector):
                 if apply.owned_by(config, owner.uid) and await rt.kube.delete(

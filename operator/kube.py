@@ -29,6 +29,7 @@ KINDS: dict[str, tuple[str, str, bool]] = {
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases", True),
     "ModelDeployment": ("/apis/tusk.dev/v1alpha1", "modeldeployments", True),
+    "InferencePool": ("/apis/inference.networking.k8s.io/v1", "inferencepools", True),
 }
 
 MERGE_PATCH = "application/merge-patch+json"

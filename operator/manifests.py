@@ -139,6 +139,12 @@ def rbac_rules() -> list[dict[str, Any]]:
         {"apiGroups": [""], "resources": ["services"], "verbs": _CHILD_VERBS},
         {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": _CHILD_VERBS},
         {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": _CHILD_VERBS},
+        # The Gateway API Inference Extension's InferencePool, a child where its CRD is installed.
+        {
+            "apiGroups": ["inference.networking.k8s.io"],
+            "resources": ["inferencepools"],
+            "verbs": _CHILD_VERBS,
+        },
         # Secrets: existence checks read metadata only; the managed tier's password Secret is created
         # once (the garbage collector removes it with its owner). Never list, watch or update.
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},

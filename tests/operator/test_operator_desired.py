@@ -170,12 +170,18 @@ def test_worker_pods_follow_the_label_contract_and_config() -> None:
         assert template["metadata"]["annotations"]["tusk.dev/served-model-names"] == "chat,m"
         container = template["spec"]["containers"][0]
         assert container["command"] == ["tusk", "worker", "--config", "/etc/tusk/worker.json"]
-        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50051, "metrics": 9090}
+        http = {"http": 8000} if role == "decode" else {}  # decode workers serve OpenAI HTTP
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+            "grpc": 50051,
+            "metrics": 9090,
+            **http,
+        }
         # The Deployment selector is a subset of the pod labels and never includes the role.
         assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
         assert "tusk.dev/role" not in deployment["spec"]["selector"]["matchLabels"]
         worker = WorkerConfig.model_validate_json(config["worker.json"])
         assert worker.role.value == role and worker.port == 50051 and worker.served_model_name == "chat"
+        assert worker.http_port == (8000 if role == "decode" else None)
         assert worker.kv_tier.url == "redis://llama-kv.models.svc:6379/0"
         service = objs["Service", f"llama-{role}"]
         assert service["spec"]["clusterIP"] == "None"

@@ -17,6 +17,10 @@ NOT_EXERCISED_HERE = {
         for verb in ("get", "list", "watch", "patch")
         for plural in ("clusterkopfpeerings", "kopfpeerings")
     },
+    **{
+        (verb, "inference.networking.k8s.io", "inferencepools"): "test_inference_pool.py (the CRD declared)"
+        for verb in ("get", "create", "patch", "delete")
+    },
 }
 # Leader election's Lease: a Role in one namespace (the chart), not part of these rules.
 LEASE_CALLS = {(verb, "coordination.k8s.io", "leases") for verb in ("get", "create", "update")}
