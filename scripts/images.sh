@@ -124,6 +124,7 @@ common=(--build-arg "BASE_IMAGE=${base}")
 if [[ -n "${ca_bundle}" ]]; then
   common+=(--secret "id=ca-bundle,src=${ca_bundle}")
 fi
+
 # --- a local torch index, only when the CPU worker is built and download.pytorch.org is out of reach
 index_pid=""
 cleanup() {
