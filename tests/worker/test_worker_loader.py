@@ -156,6 +156,15 @@ def test_unused_or_missing_tensors_fail_loading(tmp_path: Path, llama_dir: Path)
         in str(err.value)
     )
 
+    wrong = tmp_path / "wrong-heads"
+    shutil.copytree(llama_dir, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    config["num_key_value_heads"] = 4  # the weights have 2
+    (wrong / "config.json").write_text(json.dumps(config))
+    shape_error = r"q/k/v_proj.weight has shape \(128, 64\), but config.json implies \(192, 64\)"
+    with pytest.raises(loader.ModelLoadError, match=shape_error):
+        LLMEngine(wrong, EngineConfig(num_kv_blocks=4))
+
 
 def test_clear_errors(tmp_path: Path, llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(loader.ModelLoadError, match="does not exist"):

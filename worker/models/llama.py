@@ -118,6 +118,7 @@ class LlamaModel:
         else:
             self.lm_head = lm_head
         w.finish(spec.architecture)
+        self._check_shapes()
         self._views_of: torch.Tensor | None = None
         self._views: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.embed_scale = (
@@ -150,6 +151,48 @@ class LlamaModel:
         self.has_windows = any(layer.window for layer in self.layers)
         # Kernel ops bound to their backends once for this model; checked only in debug mode.
         self.ops = K.bind()
+
+    def _check_shapes(self) -> None:
+        """Every tensor has the shape config.json implies; otherwise a load error, not a failed step."""
+        spec = self.spec
+        h, d, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
+        expected: list[tuple[str, torch.Tensor | None, tuple[int, ...]]] = [
+            ("model.embed_tokens.weight", self.embed, (spec.vocab_size, h)),
+            ("lm_head.weight", self.lm_head, (spec.vocab_size, h)),
+            ("model.norm.weight", self.norm, (h,)),
+        ]
+        qkv_rows = (spec.num_heads + 2 * spec.num_kv_heads) * d
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            expected += [
+                (p + "input_layernorm.weight", layer.input_norm, (h,)),
+                (p + "self_attn.q/k/v_proj.weight", layer.qkv, (qkv_rows, h)),
+                (p + "self_attn.q/k/v_proj.bias", layer.qkv_bias, (qkv_rows,)),
+                (p + "self_attn.o_proj.weight", layer.o, (h, spec.num_heads * d)),
+                (p + "self_attn.o_proj.bias", layer.o_bias, (h,)),
+                (p + "self_attn.q_norm.weight", layer.q_norm, (d,)),
+                (p + "self_attn.k_norm.weight", layer.k_norm, (d,)),
+                (p + "post_attention_layernorm.weight", layer.post_norm, (h,)),
+            ]
+            if layer.experts is None:
+                expected += [
+                    (p + "mlp.gate/up_proj.weight", layer.gate_up, (2 * inter, h)),
+                    (p + "mlp.gate/up_proj.bias", layer.gate_up_bias, (2 * inter,)),
+                    (p + "mlp.down_proj.weight", layer.down, (h, inter)),
+                    (p + "mlp.down_proj.bias", layer.down_bias, (h,)),
+                ]
+            else:
+                e, mi = spec.num_experts, spec.moe_intermediate_size
+                expected += [
+                    (p + "experts router", layer.experts.router, (e, h)),
+                    (p + "experts gate/up", layer.experts.gate_up, (e, 2 * mi, h)),
+                    (p + "experts down", layer.experts.down, (e, h, mi)),
+                ]
+        for name, tensor, shape in expected:
+            if tensor is not None and tuple(tensor.shape) != shape:
+                raise ModelLoadError(
+                    f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, but config.json implies {shape}"
+                )
 
     def _norm(self, weight: torch.Tensor) -> torch.Tensor:
         """Gemma's norms multiply by (1 + w), computed in fp32 as transformers does."""
