@@ -105,3 +105,40 @@ def test_raise_exception_and_runtime_errors_are_400s(tiny_model) -> None:
     with pytest.raises(APIError) as info:
         broken.render_chat(MESSAGES)
     assert info.value.status == 400
+
+
+def test_worker_sends_chat_template_jinja_to_routers(tiny_model, tmp_path) -> None:
+    """A router that discovered a worker renders chats from the files GetModelInfo sent."""
+    import asyncio
+
+    from tusk.router.workers import WorkerClient
+    from tusk.worker.server import Worker
+
+    from tusk.config import EngineConfig, KVTierConfig, WorkerConfig
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in tiny_model.iterdir():
+        (folder / f.name).symlink_to(f)
+    jinja = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    (folder / "chat_template.jinja").write_text(jinja)
+
+    async def fetch() -> dict[str, bytes]:
+        worker = Worker(
+            WorkerConfig(
+                model=str(folder),
+                engine=EngineConfig(num_kv_blocks=8, block_size=16),
+                kv_tier=KVTierConfig(host_cache_blocks=0),
+            )
+        )
+        address = await worker.start()
+        client = WorkerClient(address, "both")
+        try:
+            return dict((await client.model_info()).files)
+        finally:
+            await client.close()
+            await worker.stop(drain_timeout=0)
+
+    files = asyncio.run(fetch())
+    assert files["chat_template.jinja"] == jinja.encode()
+    assert ModelTokenizer(files).render_chat(MESSAGES[1:2]) == "<user>first"
