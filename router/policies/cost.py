@@ -6,9 +6,12 @@ Per candidate worker ``w`` that could prefill the request::
     cached_w  = max(local prefix match on w, prefix in the shared tier)      (blocks)
     uncached  = prompt_tokens - cached_w * block_size
     queue_s   = w.queued_prefill_tokens / rate_w
+    kv_wait_s = 0, or when w lacks free KV blocks for prompt + max_tokens: the missing share of
+                them x w.decode_step_s x max_tokens (the time decodes like this request take
+                to release that much)
     compute_s = uncached / rate_w + ceil((queued + uncached) / chunk_tokens) * w.decode_step_s
     fetch_s   = (tier blocks beyond the local match) * tier_fetch_s_per_block
-    ttft_w    = max(queue_s, fetch_s) + compute_s     (the fetch overlaps the queue wait)
+    ttft_w    = max(queue_s, fetch_s) + kv_wait_s + compute_s   (the fetch overlaps the queue)
 
 ``compute_s`` charges one decode step per prefill chunk because chunked prefill shares every
 engine step with the running decode batch.
@@ -178,6 +181,10 @@ class CostPolicy:
         cold_cached = tier * bs
         cold_uncached = prompt - cold_cached if cold_cached < prompt else 0
         cold_fetch = tier * fetch_per_block
+        # KV blocks the request pins (prompt + output): a worker without that much room cannot
+        # start the prefill until running decodes release it
+        need = -(-(prompt + request.max_tokens) // bs) if bs else 0
+        out_steps = request.max_tokens if request.max_tokens > 1 else 1
         for w in candidates:
             wid = w.worker_id
             local = get_match(wid, 0)
@@ -193,6 +200,9 @@ class CostPolicy:
                 fetch = cold_fetch
             if fetch > wait:
                 wait = fetch
+            free = w.free_blocks
+            if free < need and w.total_blocks:
+                wait += (need - free) / need * w.decode_step_s * out_steps
             ttft = wait + uncached / rate + -(-(queued + uncached) // chunk) * w.decode_step_s
             scores[wid] = ttft
             score = ttft + weight * uncached / rate

@@ -186,3 +186,18 @@ def test_mooncake_bad_line_names_the_line(tmp_path: Path) -> None:
     bad.write_text("\n".join([*lines, '{"timestamp": 1, "input_length": "x"}']))
     with pytest.raises(TraceError, match=r"t.jsonl:4"):
         load_trace(bad)
+
+
+def test_cost_counts_the_wait_for_kv_room() -> None:
+    """A worker holding the prefix but without KV room for the request cannot start it until
+    running decodes release blocks; cost prices that wait instead of queueing there blindly."""
+    index = PrefixIndex()
+    hashes = list(range(1, 101))
+    index.apply_event("a", "stored", "device", hashes)
+    policy = make_policy("cost", index, claim_routes=False)
+    req = RoutingRequest("r", hashes, 100 * BS + 3, BS, max_tokens=400)
+    a = worker("a", prefill_tokens_per_s=25_000.0, decode_step_s=0.03)
+    b = worker("b", prefill_tokens_per_s=25_000.0, decode_step_s=0.03)
+    assert policy.route(req, [a, b]).decode is a  # room everywhere: the cached worker
+    a.free_blocks = 10  # needs 126 blocks: ~0.92 x 0.03 s x 400 = 11 s before it could start
+    assert policy.route(req, [a, b]).decode is b
