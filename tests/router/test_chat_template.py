@@ -114,7 +114,7 @@ def test_worker_sends_chat_template_jinja_to_routers(tiny_model, tmp_path) -> No
     from tusk.router.workers import WorkerClient
     from tusk.worker.server import Worker
 
-    from tusk.config import EngineConfig, KVTierConfig, WorkerConfig
+    from tusk.config import EngineConfig, KVTierConfig, Role, WorkerConfig
 
     folder = tmp_path / "model"
     folder.mkdir()
@@ -132,7 +132,7 @@ def test_worker_sends_chat_template_jinja_to_routers(tiny_model, tmp_path) -> No
             )
         )
         address = await worker.start()
-        client = WorkerClient(address, "both")
+        client = WorkerClient(address, Role.BOTH)
         try:
             return dict((await client.model_info()).files)
         finally:
