@@ -47,6 +47,7 @@ class EndpointPickerServer:
         self._ready = False
         self.metrics_port: int | None = None
         self._metrics_server = None
+        self.pod_watches: list = []  # routes with a kubernetes_selector (router/epp/pods.py)
 
     async def start(self) -> str:
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
@@ -62,6 +63,10 @@ class EndpointPickerServer:
         for service in ("readiness", EXT_PROC_SERVICE):
             await self.health.set(service, NOT_SERVING)
         self.picker.start()
+        if any(route.kubernetes_selector for route in self.config.models):
+            from tusk.router.epp.pods import start_pod_watches
+
+            self.pod_watches = await start_pod_watches(self.picker)
         await self.server.start()
         self._watch = asyncio.get_running_loop().create_task(self._readiness())
         if self.config.metrics_port is not None:  # picks, engine KV event feeds
@@ -100,6 +105,8 @@ class EndpointPickerServer:
                 await self._watch
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server[0].shutdown)
+        for watch in self.pod_watches:
+            await watch.stop()
         await self.health.enter_graceful_shutdown()  # readiness NOT_SERVING, liveness too
         if self.server is not None:
             await self.server.stop(grace)

@@ -27,6 +27,7 @@ from tusk.router.epp.main import _parse_args, load_config
 from tusk.config import EndpointPickerConfig
 
 EPP = Scenario("epp", ("epp.yaml",))
+EPP_PODS = Scenario("epp-pods", ("epp-pods.yaml",))
 NAME = f"{RELEASE}-epp"
 
 
@@ -51,9 +52,14 @@ def test_off_by_default(render):
     assert inference_pool.PICKER_SERVICE_ENV not in _operator_env(objects)
 
 
-def test_picker_objects_are_valid_and_restricted(render):
-    objects = [o for o in render(EPP) if o["metadata"]["name"] == NAME]
-    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "Deployment", "Service", "ServiceAccount"]
+@pytest.mark.parametrize("scenario", [EPP, EPP_PODS], ids=["static", "pods"])
+def test_picker_objects_are_valid_and_restricted(render, scenario: Scenario):
+    objects = [o for o in render(scenario) if o["metadata"]["name"] == NAME]
+    watches = scenario is EPP_PODS
+    rbac = ["Role", "RoleBinding"] if watches else []
+    assert sorted(o["kind"] for o in objects) == sorted(
+        ["ConfigMap", "Deployment", "Service", "ServiceAccount", *rbac]
+    )
     for obj in objects:
         assert obj["metadata"]["namespace"] == NAMESPACE
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
@@ -61,9 +67,16 @@ def test_picker_objects_are_valid_and_restricted(render):
     template = deployment["spec"]["template"]
     assert _restricted_violations()(template) == []
     pod = template["spec"]
-    # tusk epp calls no Kubernetes API: no token, and no Role or RoleBinding for it.
-    assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == NAME
-    assert one(objects, "ServiceAccount", NAME)["automountServiceAccountToken"] is False
+    # With static servers tusk epp calls no Kubernetes API: no token and no Role. With selectors it
+    # lists and watches pods in its own namespace, and nothing else.
+    assert pod["automountServiceAccountToken"] is watches and pod["serviceAccountName"] == NAME
+    assert one(objects, "ServiceAccount", NAME)["automountServiceAccountToken"] is watches
+    if watches:
+        role = one(objects, "Role", NAME)
+        assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]
+        binding = one(objects, "RoleBinding", NAME)
+        assert binding["roleRef"]["name"] == NAME
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
     service = one(objects, "Service", NAME)
     assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
@@ -72,6 +85,8 @@ def test_picker_objects_are_valid_and_restricted(render):
     assert {p["targetPort"]: p["port"] for p in service["spec"]["ports"]} == ports
     assert container["livenessProbe"]["grpc"] == {"port": ports["grpc-ext-proc"], "service": "liveness"}
     assert container["readinessProbe"]["grpc"] == {"port": ports["grpc-ext-proc"], "service": "readiness"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/etc/tusk", "/tokenizers"} <= mounts
 
@@ -91,6 +106,15 @@ def test_picker_config_is_what_tusk_epp_loads(render, tmp_path):
     args = [a.replace("/etc/tusk", str(tmp_path)) for a in container["args"][1:]]
     assert container["args"][0] == "epp"
     assert load_config(_parse_args(args)) == config
+
+
+def test_selector_routes_select_what_the_operators_pools_select(render):
+    """The documented selector is the operator's pool selector: the picker serves the pool's pods."""
+    data = one(render(EPP_PODS), "ConfigMap", NAME)["data"]["epp.json"]
+    config = EndpointPickerConfig.model_validate_json(data)
+    for route in config.models:
+        wanted = inference_pool.pool_selector(Owner(route.name, NAMESPACE, "u"))
+        assert dict(part.split("=", 1) for part in route.kubernetes_selector.split(",")) == wanted
 
 
 def test_inference_pools_name_the_pickers_service(render):
