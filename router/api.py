@@ -293,7 +293,9 @@ class RouterAPI:
         """(text delta, finish reason) pairs of one choice; the last one carries the reason."""
         gen = gen or prepared.generation
         detok = prepared.runtime.tokenizer.detokenizer()
-        stops = StopMatcher(prepared.stops)
+        # vLLM checks stop strings only once min_tokens outputs exist (text before that passes).
+        min_tokens = gen.req.sampling.min_tokens
+        stops = StopMatcher(prepared.stops if not min_tokens else [])
         itl = self.metrics.for_model(prepared.runtime.name).itl
         last = None
         async with contextlib.aclosing(gen.stream()) as chunks:
@@ -302,6 +304,8 @@ class RouterAPI:
                 if last is not None:
                     itl.observe(now - last)
                 last = now
+                if min_tokens and not stops.stops and gen.completion_tokens >= min_tokens:
+                    stops.stops = prepared.stops
                 text = stops.feed(detok.push(ids))
                 if stops.stopped:
                     yield text, "stop"

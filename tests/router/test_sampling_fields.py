@@ -117,3 +117,16 @@ def test_completion_logprobs_legacy_format(url) -> None:
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 3
     assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
     assert all(len(top) <= 1 for top in lp["top_logprobs"])
+
+
+def test_stop_strings_wait_for_min_tokens(harness) -> None:
+    """As vLLM: a stop string in the first min_tokens outputs does not end the request."""
+    from conftest import REPLY
+
+    _, endpoint = harness.worker(chunk_size=1)
+    _, fake_url = harness.router([endpoint])
+    body = {"model": MODEL, "prompt": "x", "stop": ["tusk"]}
+    cut = httpx.post(f"{fake_url}/v1/completions", json=body).json()["choices"][0]
+    assert cut["text"] == REPLY[: REPLY.index("tusk")] and cut["finish_reason"] == "stop"
+    late = httpx.post(f"{fake_url}/v1/completions", json=body | {"min_tokens": 6}).json()["choices"][0]
+    assert late["text"] == REPLY and late["finish_reason"] == "stop"  # "tusk" came within 6 tokens
