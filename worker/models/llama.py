@@ -298,10 +298,10 @@ class LlamaModel:
             if spec.gemma:  # norm the attention output, add it, norm again before the MLP
                 attn = self.ops.rms_norm(attn, layer.post_norm, eps)
                 x, residual = self.ops.fused_add_rms_norm(attn, residual, layer.pre_ff_norm, eps)
-                hidden = self.ops.rms_norm(self._mlp(layer, x), layer.post_ff_norm, eps)
+                hidden = self.ops.rms_norm(self._feed_forward(layer, x), layer.post_ff_norm, eps)
             else:
                 x, residual = self.ops.fused_add_rms_norm(attn, residual, layer.post_norm, eps)
-                hidden = self._mlp(layer, x)
+                hidden = self._feed_forward(layer, x)
         assert residual is not None
         if logits_indices.shape[0] != input_ids.shape[0]:  # only the rows that sample need the head
             hidden = hidden.index_select(0, logits_indices)
@@ -343,9 +343,11 @@ class LlamaModel:
             attn = self._attention(q, k_cache, v_cache, meta)
         return F.linear(attn.reshape(t, self.q_size), layer.o, layer.o_bias)
 
+    def _feed_forward(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        """The expert block on MoE layers, else the dense MLP (which a compiled variant may replace)."""
+        return self._mlp(layer, x) if layer.experts is None else self._moe(layer.experts, x)
+
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        if layer.experts is not None:
-            return self._moe(layer.experts, x)
         gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
         if self.spec.hidden_act == "silu":
             act = self.ops.silu_and_mul(gate_up)
