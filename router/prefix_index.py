@@ -154,8 +154,23 @@ class PrefixIndex:
         """Approximate mode: assume ``worker_id`` now holds these blocks (it is about to compute
         or receive them). The per-worker LRU bound stands in for the worker's eviction."""
         slot = self._slot(worker_id)
+        # _add(slot, h, 1) inlined: the HTTP proxy path runs this on every request, for every block
+        blocks = self._blocks[slot]
+        holders = self._holders
+        bit = 1 << slot
+        get = blocks.get
+        touch = blocks.move_to_end
         for h in reversed(hashes):  # tail first: the prefix ends most recent, evicted last
-            self._add(slot, h, 1)
+            old = get(h)
+            if old is None:
+                blocks[h] = 1
+                holders[h] = holders.get(h, 0) | bit
+            else:
+                if old != 1:
+                    blocks[h] = (old | 1) & ~_CLAIM_BIT  # a route confirms a claim
+                touch(h)
+        while len(blocks) > self.max_blocks_per_worker:
+            self._drop_holder(blocks.popitem(last=False)[0], slot)
 
     def claim(self, worker_id: str, hashes: Sequence[int], ttl_s: float) -> None:
         """The router just sent these blocks' request to ``worker_id``: count them as held there
