@@ -686,7 +686,9 @@ def desired_children(
         children.append(worker_service(owner, spec, role, defaults))
         children.append(worker_deployment(owner, spec, role, defaults, config["metadata"]["name"]))
         children.append(disruption_budget(owner, spec, role, defaults))
-    return children
+    from tusk.operator.vllm import apply_engine  # (imports this module)
+
+    return apply_engine(owner, spec, children)
 
 
 def all_child_refs(owner: Owner) -> list[dict[str, Any]]:

@@ -381,6 +381,13 @@ class DecodeSpec(RoleSpec):
 class EngineSpec(_Spec):
     """Engine knobs passed to every worker; unset ones take the engine's defaults."""
 
+    name: Literal["tusk", "vllm"] = Field(
+        "tusk",
+        description=(
+            "The workers' engine: tusk, or vllm (vLLM's OpenAI server, `vllm serve`, with KV events "
+            "on; decode workers only, served through a Gateway's InferencePool)."
+        ),
+    )
     max_num_seqs: int | None = Field(
         None, ge=1, le=MAX_SEQS, alias="maxNumSeqs", description="Concurrent sequences per worker."
     )
