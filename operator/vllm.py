@@ -35,6 +35,9 @@ IMAGES = {
 }
 KV_EVENTS_PORT = 5557
 KV_REPLAY_PORT = 5558
+# Container port names: the endpoint picker subscribes to a pod's events on them (router/epp/pods.py).
+KV_EVENTS_PORT_NAME = "kv-events"
+KV_REPLAY_PORT_NAME = "kv-replay"
 
 
 def _model_args(spec: ModelDeploymentSpec) -> list[str]:
@@ -82,8 +85,8 @@ def vllm_image(spec: ModelDeploymentSpec) -> str:
 def _ports() -> list[dict[str, Any]]:
     return [
         {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
-        {"name": "kv-events", "containerPort": KV_EVENTS_PORT, "protocol": "TCP"},
-        {"name": "kv-replay", "containerPort": KV_REPLAY_PORT, "protocol": "TCP"},
+        {"name": KV_EVENTS_PORT_NAME, "containerPort": KV_EVENTS_PORT, "protocol": "TCP"},
+        {"name": KV_REPLAY_PORT_NAME, "containerPort": KV_REPLAY_PORT, "protocol": "TCP"},
     ]
 
 

@@ -15,7 +15,7 @@ from fake_openai import FakeBackend
 from tusk.operator import inference_pool
 from tusk.operator.desired import HTTP_PORT, Owner
 from tusk.router.epp.picker import EndpointPicker, PickError
-from tusk.router.epp.pods import PodServers, pod_http_address
+from tusk.router.epp.pods import PodServers, pod_http_address, pod_server
 
 from tusk.config import EndpointPickerConfig, ModelRoute, RoutingConfig
 
@@ -30,8 +30,9 @@ SELECTOR_TEXT = ",".join(f"{k}={v}" for k, v in sorted(SELECTOR.items()))
 BODY = json.dumps({"model": "tiny", "prompt": "hello there", "max_tokens": 2}).encode()
 
 
-def _pod(name: str, address: str, *, ready: bool = True, role: str = "both") -> dict:
+def _pod(name: str, address: str, *, ready: bool = True, role: str = "both", events: bool = False) -> dict:
     ip, _, port = address.rpartition(":")
+    kv = [{"name": "kv-events", "containerPort": 5557}, {"name": "kv-replay", "containerPort": 5558}]
     return {
         "metadata": {"name": name, "namespace": "models", "labels": {**SELECTOR, "tusk.dev/role": role}},
         "spec": {
@@ -41,6 +42,7 @@ def _pod(name: str, address: str, *, ready: bool = True, role: str = "both") -> 
                     "ports": [
                         {"name": "grpc", "containerPort": 50051},
                         {"name": "http", "containerPort": int(port)},
+                        *(kv if events else []),
                     ],
                 }
             ]
@@ -62,6 +64,10 @@ def test_pod_http_address_uses_the_http_port_of_ready_serving_pods() -> None:
     assert pod_http_address(bare) == f"10.0.0.7:{HTTP_PORT}"  # the operator's port when unnamed
     six = _pod("a", "fd00::5:8000")
     assert pod_http_address(six) == "[fd00::5]:8000"
+    # An operator vLLM worker names its ZMQ KV event ports: the picker's index follows its events.
+    server = pod_server(_pod("a", "10.0.0.7:8000", events=True))
+    assert (server.kv_events, server.kv_events_replay) == ("tcp://10.0.0.7:5557", "tcp://10.0.0.7:5558")
+    assert pod_server(_pod("a", "10.0.0.7:8000")).kv_events is None
 
 
 async def _until(check, what: str, timeout: float = 20.0):
@@ -85,7 +91,7 @@ async def test_servers_follow_the_selected_pods(tiny_model: Path) -> None:
     picker = EndpointPicker(config)
     picker.start()
     cluster = _fake.FakeCluster()
-    cluster.put("pods", _pod("a", a))
+    cluster.put("pods", _pod("a", a, events=True))
     watch = PodServers(picker.models["tiny"], SELECTOR_TEXT, source=_fake.FakeListWatch(cluster, "pods"))
     await watch.start()
     model = picker.models["tiny"]
@@ -98,11 +104,14 @@ async def test_servers_follow_the_selected_pods(tiny_model: Path) -> None:
 
     try:
         await _until(lambda: model.pool.backends.get(a), "the listed pod became a server")
+        assert model.pool.backends[a].exact_events
+        assert [s.feed.worker_id for s in model.routes.subscribers] == [a]
         assert await picked() == [a]
         cluster.put("pods", _pod("b", b))
         cluster.put("pods", _pod("a", a, ready=False))
         cluster.put("pods", _pod("p", "127.0.0.1:1", role="prefill"))
         await _until(lambda: set(model.pool.backends) == {b}, "unready pod left, new pod joined")
+        assert model.routes.subscribers == []  # the departed pod's event feed is closed
         assert await picked() == [b]
         cluster.delete("pods", "models", "b")
         await _until(lambda: not model.pool.backends, "deleted pod left")
