@@ -280,6 +280,13 @@ def test_bad_model_folder_exits_with_a_clear_message(tmp_path: Path) -> None:
 async def test_deadline_ends_the_request(llama_dir: Path) -> None:
     worker, stub, channel = await start(worker_config(llama_dir))
     engine = worker.service.engine
+    step = engine.step
+
+    def slow_step():  # the tiny model can finish 200 tokens within the deadline otherwise
+        time.sleep(0.01)
+        return step()
+
+    engine.step = slow_step
     try:
         request = pb.GenerateRequest(
             prompt_token_ids=PROMPT, sampling=greedy(200), deadline_unix_s=time.time() + 0.2
