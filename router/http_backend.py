@@ -27,7 +27,7 @@ import msgspec
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from tusk.router.api import INLINE_ENCODE_CHARS, POLICY_HEADER, SESSION_HEADER
 from tusk.router.dispatch import MAX_ATTEMPTS
 from tusk.router.errors import bad_request, no_worker, worker_failed
@@ -391,7 +391,7 @@ class HttpRoutes:
                     raise worker_failed(f"{MAX_ATTEMPTS} model servers failed; last error {exc}") from None
                 continue
             break
-        passed = {k.decode(): v.decode() for k, v in upstream.headers.items() if k in _PASSED_HEADERS}
+        passed = [(k, v) for k, v in upstream.headers.items() if k in _PASSED_HEADERS]
 
         async def done() -> None:
             state.inflight -= 1
@@ -416,24 +416,55 @@ class HttpRoutes:
                 raise worker_failed(str(exc)) from None
             finally:
                 await done()
-            return Response(content, upstream.status, passed)
-        return _PassThrough(upstream.chunks(), upstream.status, passed, done)
+            response = Response(content, upstream.status)
+            response.raw_headers[1:1] = passed  # after content-length, as the upstream sent them
+            return response
+        return _PassThrough(upstream, passed, done)
 
 
 _PASSED_HEADERS = {b"content-type", b"x-request-id", b"cache-control"}
 
 
-class _PassThrough(StreamingResponse):
-    """Upstream bytes to the client as they come; ``on_close`` runs however the stream ends."""
+class _PassThrough:
+    """Upstream bytes to the client as they come; ``on_close`` runs however the stream ends.
 
-    def __init__(self, content: Any, status: int, headers: dict[str, str], on_close: Any) -> None:
-        super().__init__(content, status_code=status, headers=headers)
+    A plain ASGI response rather than Starlette's ``StreamingResponse``, which opens an anyio
+    task group with a disconnect-listener task for every stream under uvicorn's ASGI 2.3 (most
+    of a streamed request's overhead here). One asyncio task watches for the client leaving and
+    then closes the upstream connection, which ends the copy loop at once, mid-wait included."""
+
+    def __init__(self, upstream: Any, headers: list[tuple[bytes, bytes]], on_close: Any) -> None:
+        self.upstream = upstream
+        self.status_code = upstream.status
+        self.raw_headers = headers
         self._on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        upstream = self.upstream
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            upstream.close()  # wakes the copy loop's read
+
+        watcher = asyncio.ensure_future(watch())
         try:
-            await super().__call__(scope, receive, send)
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
+            try:
+                async for chunk in upstream.chunks():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (UpstreamError, OSError):
+                if not gone:
+                    raise
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            watcher.cancel()
             await self._on_close()
 
 

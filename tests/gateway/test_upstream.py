@@ -66,3 +66,95 @@ async def test_chunked_and_sized_bodies_reuse_and_stale_connections() -> None:
         server.close()
     with pytest.raises(UpstreamError):
         await UpstreamPool(address).post("/x", b"nobody listens")
+
+
+async def test_router_stream_pass_through_and_client_hang_up(tiny_model) -> None:  # noqa: ANN001
+    """A streamed answer reaches the client byte for byte with the upstream's headers; a client
+    that hangs up mid-stream closes the upstream connection at once (even while the upstream is
+    silent) and frees the router's slot."""
+    import socket
+
+    from tusk.router.app import Router, _bind, build_server
+
+    from tusk.config import ModelRoute, RouterConfig, WorkerEndpoint
+
+    upstream_closed = asyncio.Event()
+    metrics = b"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 0\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(h.split(b":")[1])
+                        for h in head.split(b"\r\n")
+                        if h.lower().startswith(b"content-length")
+                    ),
+                    0,
+                )
+                body = await reader.readexactly(length)
+                if head.startswith(b"GET /metrics"):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(metrics) + metrics)
+                    continue
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/event-stream\r\n"
+                    b"x-request-id: up-1\r\n\r\n"
+                )
+                writer.write(b"a\r\ndata: one\n\r\n")
+                if b"hang" not in body:
+                    writer.write(b"a\r\ndata: two\n\r\n0\r\n\r\n")
+                    continue
+                await reader.read()  # silent until the router closes the connection
+                upstream_closed.set()
+                return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    server, address = await _server(handler)
+    route = ModelRoute(
+        name="tiny", tokenizer=str(tiny_model), workers=[WorkerEndpoint(address=address, protocol="http")]
+    )
+    router = Router(RouterConfig(port=0, models=[route]))
+    sock = _bind("127.0.0.1", 0)
+    http = build_server(router, drain_timeout=1)
+    await router.start()
+    task = asyncio.get_running_loop().create_task(http.serve(sockets=[sock]))
+    port = sock.getsockname()[1]
+    try:
+        while not http.started or not router.registry.get("tiny").http.has_ready():
+            await asyncio.sleep(0.02)
+
+        async def post(content: str) -> tuple[asyncio.StreamReader, socket.socket]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            body = b'{"model":"tiny","stream":true,"prompt":"%s"}' % content.encode()
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n" % len(body) + body
+            )
+            return reader, writer
+
+        reader, writer = await post("all")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 200") and b"content-type: text/event-stream" in head
+        assert b"x-request-id: up-1" in head and b"transfer-encoding: chunked" in head
+        assert await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 30) == (
+            b"a\r\ndata: one\n\r\na\r\ndata: two\n\r\n0\r\n\r\n"
+        )
+        writer.close()
+
+        reader, writer = await post("hang")
+        await asyncio.wait_for(reader.readuntil(b"data: one\n"), 30)
+        assert router.api.inflight == 1
+        writer.close()  # the client hangs up while the upstream is silent
+        await asyncio.wait_for(upstream_closed.wait(), 30)
+        for _ in range(500):
+            if router.api.inflight == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert router.api.inflight == 0
+    finally:
+        http.should_exit = True
+        await task
+        await router.stop()
+        server.close()
