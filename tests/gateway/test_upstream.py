@@ -53,7 +53,7 @@ async def test_chunked_and_sized_bodies_reuse_and_stale_connections() -> None:
     try:
         reply = await pool.post("/v1/completions", b"chunked")
         assert reply.status == 200 and reply.headers[b"content-type"] == b"text/event-stream"
-        assert [c async for c in reply.chunks()] == [b"hello", b" world"]
+        assert [c async for c in reply.chunks()] == [b"hello world"]  # both chunks came in one write
         reply = await pool.post("/v1/completions", b"sized body")
         assert (reply.status, await reply.read()) == (201, b"size")
         assert connections == 1  # one keep-alive connection so far
@@ -138,9 +138,12 @@ async def test_router_stream_pass_through_and_client_hang_up(tiny_model) -> None
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
         assert head.startswith(b"HTTP/1.1 200") and b"content-type: text/event-stream" in head
         assert b"x-request-id: up-1" in head and b"transfer-encoding: chunked" in head
-        assert await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 30) == (
-            b"a\r\ndata: one\n\r\na\r\ndata: two\n\r\n0\r\n\r\n"
-        )
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 30)
+        payload, rest = b"", raw
+        while rest != b"0\r\n\r\n":
+            size, _, rest = rest.partition(b"\r\n")
+            payload, rest = payload + rest[: int(size, 16)], rest[int(size, 16) + 2 :]
+        assert payload == b"data: one\ndata: two\n"
         writer.close()
 
         reader, writer = await post("hang")
@@ -157,4 +160,63 @@ async def test_router_stream_pass_through_and_client_hang_up(tiny_model) -> None
         http.should_exit = True
         await task
         await router.stop()
+        server.close()
+
+
+@pytest.mark.parametrize("cut", [1, 3, 7, 1000])
+async def test_chunked_bodies_cut_anywhere_and_joined_when_they_arrive_together(cut: int) -> None:
+    """De-chunking is exact however the bytes are cut by the network (``cut`` bytes per write),
+    trailers included; chunks that are already there come out as one piece."""
+    events = [b"data: %d\n\n" % i for i in range(12)]
+    wire = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\nx-trailer: 1\r\n\r\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(
+                    next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(
+                        b":"
+                    )[1]
+                )
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                for i in range(0, len(wire), cut):
+                    writer.write(wire[i : i + cut])
+                    await writer.drain()
+                    if cut < 1000:
+                        await asyncio.sleep(0.001)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    server, address = await _server(handler)
+    pool = UpstreamPool(address)
+    try:
+        for _ in range(2):  # the connection is reused after a complete body
+            response = await pool.post("/x", b"{}")
+            pieces = [p async for p in response.chunks()]
+            assert b"".join(pieces) == b"".join(events)
+            if cut == 1000:
+                assert len(pieces) == 1  # one write upstream, one piece downstream
+        assert len(pool._idle) == 1
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_malformed_chunks_are_upstream_errors() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabcXX0\r\n\r\n")
+        await writer.drain()
+
+    server, address = await _server(handler)
+    pool = UpstreamPool(address)
+    try:
+        response = await pool.post("/x", b"")
+        with pytest.raises(UpstreamError):
+            await response.read()
+        assert not pool._idle
+    finally:
+        pool.close()
         server.close()
