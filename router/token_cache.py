@@ -89,7 +89,9 @@ class SegmentEncoder:
         assert self._split is not None
         parts = self._split.split(text)
         cache = self._cache
-        missing = list(dict.fromkeys(p for i, p in enumerate(parts) if not i % 2 and p and p not in cache))
+        missing = [p for p in parts[::2] if p and p not in cache]  # even places: text pieces
+        if len(missing) > 1:
+            missing = list(dict.fromkeys(missing))
         return parts, missing
 
     def _encode_pieces(self, pieces: list[str]) -> list[list[int]]:
@@ -108,15 +110,19 @@ class SegmentEncoder:
         raw: list[bytes] = []
         added, added_raw = self._ids, self._raw
         touch = cache.move_to_end
-        for i, piece in enumerate(parts):
-            if i % 2:
-                out.append(added[piece])
-                raw.append(added_raw[piece])
-            elif piece:
+        extend, append, keep = out.extend, out.append, raw.append
+        last = len(parts) - 1
+        for i in range(0, last + 1, 2):  # text piece, then the added token that follows it
+            piece = parts[i]
+            if piece:
                 ids, data = cache[piece]
-                out.extend(ids)
-                raw.append(data)
+                extend(ids)
+                keep(data)
                 touch(piece)
+            if i < last:
+                special = parts[i + 1]
+                append(added[special])
+                keep(added_raw[special])
         out.raw = b"".join(raw)
         self.hits += (len(parts) + 1) // 2 - len(missing)
         while len(cache) > self.max_segments:
