@@ -228,6 +228,12 @@ class WorkerService(rpc.WorkerServicer):
     def _timeout(deadline_unix_s: float) -> float | None:
         return None if deadline_unix_s <= 0 else deadline_unix_s - time.time()
 
+    @classmethod
+    def _loop_deadline(cls, deadline_unix_s: float) -> float | None:
+        """The request deadline on the event loop's clock, for ``asyncio.timeout_at``."""
+        timeout = cls._timeout(deadline_unix_s)
+        return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
@@ -242,32 +248,39 @@ class WorkerService(rpc.WorkerServicer):
         )
         finished = False
         first = True
+        # The deadline guards only the waits for engine output, never the ``yield``: a timeout
+        # that fires while this generator is suspended at a yield cancels gRPC's own send in the
+        # handler task, where it cannot become DEADLINE_EXCEEDED, and the stream could hang.
+        deadline = self._loop_deadline(request.deadline_unix_s)
         try:
-            async with asyncio.timeout(self._timeout(request.deadline_unix_s)):
-                while not finished:
+            loop = asyncio.get_running_loop()
+            while not finished:
+                if deadline is not None and loop.time() >= deadline:
+                    raise TimeoutError  # also when output piled up while the client read slowly
+                async with asyncio.timeout_at(deadline):
                     item = await queue.get()
-                    batch = [item]
-                    while not queue.empty():  # coalesce tokens that piled up since the last send
-                        batch.append(queue.get_nowait())
-                    tokens: list[int] = []
-                    logprobs: list[pb.TokenLogprob] = []
-                    reason = pb.FINISH_REASON_UNSPECIFIED
-                    for out in batch:
-                        if isinstance(out, Exception):
-                            finished = True
-                            await context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {out}")
-                        tokens += out.new_token_ids
-                        if out.logprobs:
-                            logprobs += [logprob_to_proto(e) for e in out.logprobs]
-                        if out.finished:
-                            finished = True
-                            reason = _FINISH[out.finish_reason or FinishReason.ABORT]
-                    message = pb.GenerateResponse(token_ids=tokens, finish_reason=reason, logprobs=logprobs)
-                    if first:
-                        message.prompt_tokens = len(request.prompt_token_ids)
-                        message.cached_tokens = batch[0].cached_tokens
-                        first = False
-                    yield message
+                batch = [item]
+                while not queue.empty():  # coalesce tokens that piled up since the last send
+                    batch.append(queue.get_nowait())
+                tokens: list[int] = []
+                logprobs: list[pb.TokenLogprob] = []
+                reason = pb.FINISH_REASON_UNSPECIFIED
+                for out in batch:
+                    if isinstance(out, Exception):
+                        finished = True
+                        await context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {out}")
+                    tokens += out.new_token_ids
+                    if out.logprobs:
+                        logprobs += [logprob_to_proto(e) for e in out.logprobs]
+                    if out.finished:
+                        finished = True
+                        reason = _FINISH[out.finish_reason or FinishReason.ABORT]
+                message = pb.GenerateResponse(token_ids=tokens, finish_reason=reason, logprobs=logprobs)
+                if first:
+                    message.prompt_tokens = len(request.prompt_token_ids)
+                    message.cached_tokens = batch[0].cached_tokens
+                    first = False
+                yield message
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request deadline passed")
         finally:

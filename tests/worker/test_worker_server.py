@@ -304,6 +304,36 @@ async def test_deadline_ends_the_request(llama_dir: Path) -> None:
         await worker.stop(drain_timeout=0)
 
 
+async def test_deadline_ends_a_stream_whose_client_reads_slowly(llama_dir: Path) -> None:
+    """The deadline holds even while the client is behind: nothing waits at a yield past it."""
+    worker, stub, channel = await start(worker_config(llama_dir))
+    engine = worker.service.engine
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.01)
+        return step()
+
+    engine.step = slow_step
+    try:
+        request = pb.GenerateRequest(
+            prompt_token_ids=PROMPT, sampling=greedy(400), deadline_unix_s=time.time() + 0.5
+        )
+        call = stub.Generate(request)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                await asyncio.sleep(0.2)  # a client that falls behind the token stream
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(200):
+            if not engine.num_live:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.num_live == 0
+    finally:
+        await channel.close()
+        await worker.stop(drain_timeout=0)
+
+
 async def test_many_concurrent_streams_with_cancellations(llama_dir: Path) -> None:
     config = worker_config(llama_dir)
     config.engine = EngineConfig(num_kv_blocks=96, block_size=4, max_num_batched_tokens=64)
