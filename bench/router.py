@@ -26,6 +26,11 @@ CPU microseconds per request (utime+stime of the router process over the phase, 
 CPU rate measured first, per request served), and the max
 non-streamed request rate with the router on its one core (closed loop, 64 connections).
 Prints a table, then one JSON line.
+
+``--in-process N`` measures tusk alone: N warm requests (streamed and not) straight through its
+ASGI app, with the real upstream client and mock servers, and reports CPU per request of the
+request path (no HTTP server, client or scheduling noise: the steady number for A/B-ing a change
+on a busy machine); ``--profile PREFIX`` adds cProfile dumps of those requests.
 """
 
 from __future__ import annotations
@@ -493,6 +498,114 @@ async def run(args: argparse.Namespace) -> dict:
         backends_proc.kill()
 
 
+# -- in-process: tusk's own per-request CPU, without the HTTP server, the client or the kernel ---------
+
+
+async def in_process(requests: int, profile: str | None) -> dict:
+    """Drive tusk's ASGI app directly (the upstream client and mock servers stay real): CPU per
+    request of the request path alone, far steadier on a busy machine than a process's CPU under
+    load, so it is the number to A/B a change with. ``profile``: a cProfile dump of the
+    measured requests (process-CPU clock), for ``python -m pstats``."""
+    import cProfile
+    import logging
+    import resource
+
+    from tusk.router.app import Router
+    from tusk.router.logs import setup_logging
+
+    from tusk.config import ModelRoute, RouterConfig, WorkerEndpoint
+    from tusk.model_source import resolve_model
+
+    gguf = next(Path(p) / SMOLLM2_GGUF for p in sys.path if (Path(p) / SMOLLM2_GGUF).is_file())
+    tokenizer_dir = str(resolve_model(str(gguf)).path)
+    backends_proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve-backends", "2"], stdout=subprocess.PIPE, stdin=subprocess.PIPE
+    )
+    assert backends_proc.stdout is not None
+    backends = json.loads(backends_proc.stdout.readline())["addresses"]
+    setup_logging("info")  # the request log line is part of the path; written to /dev/null
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    logging.getLogger().handlers[0].setStream(devnull)  # type: ignore[attr-defined]
+    workers = [WorkerEndpoint(address=a, protocol="http") for a in backends]
+    route = ModelRoute(name="smollm2", tokenizer=tokenizer_dir, block_size=16, workers=workers)
+    router = Router(RouterConfig(port=0, models=[route]))
+    await router.start()
+    results: dict = {}
+    try:
+        while not router.registry.get("smollm2").http.has_ready():
+            await asyncio.sleep(0.05)
+        for stream in (False, True):
+            bodies = chat_bodies(tokenizer_dir, 512, stream, seed=7)
+            for body in bodies[:64]:  # warm-up: every conversation's history cached
+                await _asgi_request(router.app, body)
+            profiler = cProfile.Profile(time.process_time) if profile else None
+            before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            if profiler:
+                profiler.enable()
+            for i in range(requests):
+                await _asgi_request(router.app, bodies[64 + i % 448])
+            if profiler:
+                profiler.disable()
+                profiler.dump_stats(f"{profile}.{'stream' if stream else 'json'}")
+            after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - started
+            results["stream" if stream else "json"] = {
+                "cpu_us_per_req": round(
+                    (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / requests * 1e6
+                ),
+                "user_us_per_req": round((after.ru_utime - before.ru_utime) / requests * 1e6),
+                "wall_us_per_req": round(wall / requests * 1e6),
+            }
+            bench_log(
+                f"in-process {'stream' if stream else 'json'}: {results['stream' if stream else 'json']}"
+            )
+    finally:
+        await router.stop()
+        backends_proc.kill()
+        devnull.close()
+    return results
+
+
+async def _asgi_request(app, body: bytes) -> None:  # type: ignore[no-untyped-def]
+    sent = False
+    never = asyncio.get_running_loop().create_future()  # the client never hangs up
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await never
+
+    status = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    headers = [
+        (b"host", b"tusk"),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+    ]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    await app(scope, receive, send)
+    if status != [200]:
+        raise RuntimeError(f"tusk answered {status}")
+
+
 def report(results: dict, rates: list[int]) -> dict:
     direct = results["direct"]
     lines = ["", "router         mode    rate  p50 ms  p99 ms  added p50  added p99  CPU us/req  errors"]
@@ -548,9 +661,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", nargs="*", default=["smg", "vllm-router"])
     p.add_argument("--install-peers", action="store_true", help="create /work/peers/{smg,vllm-router} first")
     p.add_argument("--log-dir", default=None)
+    p.add_argument(
+        "--in-process",
+        type=int,
+        metavar="N",
+        help="only tusk, N requests straight through its ASGI app: CPU per request of the request path",
+    )
+    p.add_argument(
+        "--profile", metavar="PREFIX", help="with --in-process: cProfile dumps PREFIX.json/.stream"
+    )
     args = p.parse_args(argv)
     if args.serve_backends:
         _loop_run(_serve_backends(args.serve_backends))
+        return 0
+    if args.in_process:
+        results = _loop_run(in_process(args.in_process, args.profile))
+        print(
+            json.dumps(
+                {"bench": "router-in-process", "machine": f"{os.cpu_count()} CPU cores", "results": results}
+            )
+        )
         return 0
     if args.install_peers:
         install_peers()
