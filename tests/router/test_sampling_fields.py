@@ -9,7 +9,7 @@ import json
 import httpx
 import openai
 import pytest
-from conftest import MODEL
+from conftest import MODEL, REPLY
 
 from tusk.config import EngineConfig, KVTierConfig, WorkerConfig, WorkerEndpoint
 
@@ -121,8 +121,6 @@ def test_completion_logprobs_legacy_format(url) -> None:
 
 def test_stop_strings_wait_for_min_tokens(harness) -> None:
     """As vLLM: a stop string in the first min_tokens outputs does not end the request."""
-    from conftest import REPLY
-
     _, endpoint = harness.worker(chunk_size=1)
     _, fake_url = harness.router([endpoint])
     body = {"model": MODEL, "prompt": "x", "stop": ["tusk"]}
