@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tusk.router.policies import POLICY_NAMES
 
+from tusk.config import EngineConfig
 from tusk.kernel_backends import KERNEL_BACKENDS
 
 ACCELERATORS = ("nvidia", "amd", "intel", "cpu")
@@ -378,8 +379,28 @@ class DecodeSpec(RoleSpec):
     )
 
 
+_ENGINE_DEFAULTS = EngineConfig.model_fields
+
+
 class EngineSpec(_Spec):
     """Engine knobs passed to every worker; unset ones take the engine's defaults."""
+
+    model_config = cel_rules(
+        {
+            # The engine's own check (tusk.config.EngineConfig), with its defaults for unset fields.
+            "rule": (
+                f"(has(self.maxNumBatchedTokens) ? self.maxNumBatchedTokens : "
+                f"{_ENGINE_DEFAULTS['max_num_batched_tokens'].default}) >= "
+                f"(has(self.maxNumSeqs) ? self.maxNumSeqs : {_ENGINE_DEFAULTS['max_num_seqs'].default})"
+            ),
+            "message": (
+                "engine.maxNumBatchedTokens must be at least engine.maxNumSeqs: every running sequence "
+                "needs one token of the step budget"
+            ),
+            "fieldPath": ".maxNumBatchedTokens",
+            "reason": CEL_INVALID,
+        }
+    )
 
     name: Literal["tusk", "vllm"] = Field(
         "tusk",
@@ -404,6 +425,17 @@ class EngineSpec(_Spec):
     kernel_backend: KernelBackend | None = Field(
         None, alias="kernelBackend", description="Force a tusk.kernels backend; unset picks per device."
     )
+
+    @model_validator(mode="after")
+    def _budget_covers_decodes(self) -> EngineSpec:
+        seqs = self.max_num_seqs or _ENGINE_DEFAULTS["max_num_seqs"].default
+        tokens = self.max_num_batched_tokens or _ENGINE_DEFAULTS["max_num_batched_tokens"].default
+        if tokens < seqs:
+            raise ValueError(
+                "engine.maxNumBatchedTokens must be at least engine.maxNumSeqs: every running sequence "
+                "needs one token of the step budget"
+            )
+        return self
 
 
 class ManagedTier(_Spec):

@@ -226,6 +226,8 @@ BAD_SPECS = [
     ("block size", _with("blockSize", 4096), ".spec.blockSize", "is greater than the maximum"),
     ("max model len", _with("maxModelLen", HUGE), ".spec.maxModelLen", "is greater than the maximum"),
     ("max num seqs", _with("engine.maxNumSeqs", 10**6), ".spec.engine.maxNumSeqs", "is greater than the maximum"),
+    ("step budget", _with("engine", {"maxNumSeqs": 256, "maxNumBatchedTokens": 128}), ".spec.engine.maxNumBatchedTokens", "at least engine.maxNumSeqs"),
+    ("step budget default", _with("engine.maxNumSeqs", 4096), ".spec.engine.maxNumBatchedTokens", "at least engine.maxNumSeqs"),
     ("kv fraction", _with("engine.kvCacheMemoryFraction", 0.01), ".spec.engine.kvCacheMemoryFraction", "minimum"),
     ("tp", _with("decode.acceleratorsPerReplica", 2), ".spec.decode.acceleratorsPerReplica", "tensor parallelism"),
     ("tier servers", _with("kvTier.managed.replicas", 2), ".spec.kvTier.managed.replicas", "at most one server"),
