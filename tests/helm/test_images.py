@@ -297,7 +297,9 @@ def _execute(script: str, tmp_path: Path, **env: str) -> tuple[subprocess.Comple
         **args,
         **env,
     }
-    proc = subprocess.run(["sh", "-c", script], env=environment, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["sh", "-c", script], env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
     return proc, [shlex.split(line) for line in log.read_text().splitlines()]
 
 
