@@ -343,7 +343,7 @@ class HttpRoutes:
             session_key=headers.get(SESSION_HEADER) or (user if isinstance(user, str) else None),
             max_tokens=max_tokens if isinstance(max_tokens, int) else 0,
         )
-        allow = getattr(runtime.routing, "allow_policy_header", True)
+        allow = runtime.routing.allow_policy_header  # off unless configured
         policy = runtime.policy(headers.get(POLICY_HEADER) if allow else None)
         try:
             decision = policy.route(request, states)
