@@ -53,6 +53,11 @@ class RequestOutput:
     computed_tokens: int = 0
     block_hashes: list[int] = field(default_factory=list)  # full prompt blocks (prefill results)
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked
+    # Set on a request's first output (Sequence.timings): seconds queued, of prefill compute,
+    # and of KV handoff (decode continuations only); 0 = not measured.
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    handoff_s: float = 0.0
 
 
 @dataclass
@@ -280,9 +285,16 @@ class LLMEngine:
             self.last_stats = self.stats()
             return outputs
 
+        now = time.monotonic()
+        for item in batch:
+            if item.seq.first_scheduled is None:
+                item.seq.first_scheduled = now
         started = time.perf_counter()
         sampled = self.runner.run(batch)
         elapsed = time.perf_counter() - started
+        for item in batch:
+            if item.seq.first_token_time is None:  # still prefilling here (chunks, or a recompute)
+                item.seq.prefill_compute_s += elapsed
         num_prefill = sum(item.num_tokens for item in batch if item.num_tokens > 1)
         self._note_step(len(batch), num_prefill, elapsed)
 
@@ -305,7 +317,8 @@ class LLMEngine:
             logprobs = [step_logprobs[index]] if index in step_logprobs else None
             seq.tokens.append(token)
             self.num_generated_tokens += 1
-            if seq.first_token_time is None:
+            first = seq.first_token_time is None
+            if first:
                 seq.first_token_time = time.monotonic()
                 self.recent_ttfts.append(seq.first_token_time - seq.arrival)
             reason = self._stop_reason(seq, token)
@@ -317,16 +330,17 @@ class LLMEngine:
                 final.logprobs = logprobs
                 outputs.append(final)
             else:
-                outputs.append(
-                    RequestOutput(
-                        seq.request_id,
-                        [token],
-                        False,
-                        prompt_tokens=len(seq.prompt),
-                        cached_tokens=max(seq.num_cached_prompt, 0),
-                        logprobs=logprobs,
-                    )
+                out = RequestOutput(
+                    seq.request_id,
+                    [token],
+                    False,
+                    prompt_tokens=len(seq.prompt),
+                    cached_tokens=max(seq.num_cached_prompt, 0),
+                    logprobs=logprobs,
                 )
+                if first:
+                    out.queue_s, out.prefill_s, out.handoff_s = seq.timings()
+                outputs.append(out)
         self._collect_events()
         self.last_stats = self.stats()
         return outputs
@@ -396,6 +410,7 @@ class LLMEngine:
             self.connector.finish(seq.request_id, keep=seq.prefill_only and reason is not FinishReason.ABORT)
         prompt_hashes = seq.full_block_hashes(self.block_size)[: len(seq.prompt) // self.block_size]
         cached = max(seq.num_cached_prompt, 0)
+        queue_s, prefill_s, handoff_s = seq.timings()
         return RequestOutput(
             seq.request_id,
             tokens,
@@ -405,6 +420,9 @@ class LLMEngine:
             cached_tokens=cached,
             computed_tokens=len(seq.prompt) - cached,
             block_hashes=prompt_hashes,
+            queue_s=queue_s,
+            prefill_s=prefill_s,
+            handoff_s=handoff_s,
         )
 
     def _note_step(self, batch_size: int, prefill_tokens: int, elapsed: float) -> None:

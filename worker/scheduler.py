@@ -18,8 +18,9 @@ blocks and asks the tier to fill them (``LOADING_KV``); the engine keeps steppin
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tusk.worker.block_manager import BlockManager
 from tusk.worker.connector import KvConnector
@@ -44,6 +45,7 @@ class _Loading:
     first_block: int  # index in the block table of the first block being loaded
     hashes: list[int]
     aborted: bool = False
+    started: float = field(default_factory=time.monotonic)
 
 
 class Scheduler:
@@ -225,6 +227,8 @@ class Scheduler:
             if item.aborted:
                 self._release(seq)
                 continue
+            # Seen at the step that can first use it: how long the KV kept this sequence waiting.
+            seq.kv_load_s += time.monotonic() - item.started
             for j in range(loaded):
                 self.blocks.register(seq.block_table[item.first_block + j], item.hashes[j])
             seq.num_computed = (item.first_block + loaded) * self.block_size

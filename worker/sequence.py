@@ -99,6 +99,12 @@ class Sequence:
     num_tier_blocks: int = field(init=False, default=0)
     hashes: list[int] = field(init=False, default_factory=list)
     first_token_time: float | None = field(init=False, default=None)
+    # Timings reported to the router (monotonic seconds): when the first step computed any of
+    # its tokens, the step time spent computing it before its first token here, and how long
+    # its prefix took to load from the KV tier / host cache.
+    first_scheduled: float | None = field(init=False, default=None)
+    prefill_compute_s: float = field(init=False, default=0.0)
+    kv_load_s: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
@@ -118,6 +124,20 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    def timings(self) -> tuple[float, float, float]:
+        """(queue_s, prefill_s, handoff_s) as the worker protocol reports them, 0 = not measured.
+
+        Measured apart so the router's P/D model never mistakes one for another: queueing is
+        admission to the first step that computed the request, less the KV load; prefill is
+        the compute of the steps before its first token here; the handoff is the KV load of a
+        decode continuation (a remote prefill's blocks), never of an aggregated request.
+        """
+        handoff = self.kv_load_s if self.preset_outputs else 0.0
+        if self.first_scheduled is None:
+            return 0.0, 0.0, handoff
+        queue = max(0.0, self.first_scheduled - self.arrival - self.kv_load_s)
+        return queue, self.prefill_compute_s, handoff
 
     def full_block_hashes(self, block_size: int) -> list[int]:
         """Hashes of every full block of ``tokens``, extended incrementally as tokens arrive."""

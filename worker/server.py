@@ -279,6 +279,9 @@ class WorkerService(rpc.WorkerServicer):
                 if first:
                     message.prompt_tokens = len(request.prompt_token_ids)
                     message.cached_tokens = batch[0].cached_tokens
+                    message.queue_s = batch[0].queue_s
+                    message.prefill_s = batch[0].prefill_s
+                    message.handoff_s = batch[0].handoff_s
                     first = False
                 yield message
         except TimeoutError:
@@ -328,6 +331,8 @@ class WorkerService(rpc.WorkerServicer):
             blocks_in_tier=in_tier,
             finish_reason=reason,
             first_token_logprob=logprob_to_proto(out.logprobs[0]) if out.logprobs else None,
+            queue_s=out.queue_s,
+            prefill_s=out.prefill_s,
         )
 
     async def _blocks_in_tier(self, request_id: str, out: RequestOutput) -> int:
