@@ -14,10 +14,20 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
-from tusk.router.policies import POLICY_NAMES
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from tusk.router.policies import POLICY_NAMES, setting_types
 
-from tusk.config import EngineConfig
+from tusk.config import EngineConfig, RoutingConfig
 from tusk.kernel_backends import KERNEL_BACKENDS
 
 ACCELERATORS = ("nvidia", "amd", "intel", "cpu")
@@ -495,6 +505,30 @@ class KVTierSpec(_Spec):
         return self
 
 
+def _routing_settings_model() -> type[BaseModel]:
+    """The policy knobs as a model generated from the policies' own signatures, so the CRD lists
+    every setting by name and type; a name no policy takes, or a value of another type, is an
+    error (``extra="forbid"``, ``strict``: "1" is not a number, 1 is not a boolean).
+    ``disaggregation_threshold_tokens`` is left out: it is ``disaggregationThreshold``."""
+    fields: dict[str, Any] = {}
+    for name, kind in setting_types().items():
+        if name == "disaggregation_threshold_tokens":
+            continue
+        if kind is int:  # counts and token numbers: never negative, and an int32 as the CRD says
+            kind = Annotated[int, Field(ge=0, le=2**31 - 1)]
+        description = f"The {name} policy setting; unset = the policy's default."
+        fields[name] = (kind | None, Field(None, description=description))
+    return create_model(
+        "RoutingSettings",
+        __config__=ConfigDict(extra="forbid", frozen=True, strict=True),
+        __doc__="Policy settings by name (tusk.router.policies); a policy ignores the ones it does not take.",
+        **fields,
+    )
+
+
+RoutingSettings = _routing_settings_model()
+
+
 class RoutingSpec(_Spec):
     """How the router picks workers for this model. A router-only setting: changing it restarts
     no worker."""
@@ -507,6 +541,27 @@ class RoutingSpec(_Spec):
         alias="disaggregationThreshold",
         description="Uncached prompt tokens above which prefill runs on a prefill worker; unset = tuned online.",
     )
+    settings: RoutingSettings = Field(  # type: ignore[valid-type]
+        RoutingSettings(),
+        description="Policy settings (the router's routing.settings); unset ones keep the policy's default.",
+    )
+
+    def to_config(self) -> RoutingConfig:
+        """The router's RoutingConfig; raises ValueError for a value the policy refuses."""
+        return RoutingConfig(
+            policy=self.policy,
+            disaggregation_threshold_tokens=self.disaggregation_threshold,
+            settings=self.settings.model_dump(exclude_none=True),  # type: ignore[attr-defined]
+        )
+
+    @field_validator("settings")
+    @classmethod
+    def _policy_takes_settings(cls, settings: BaseModel, info: ValidationInfo) -> BaseModel:
+        """A value the policy refuses (a weight for an unknown scorer...) fails here, naming
+        spec.routing.settings, as it would fail in the router."""
+        if "policy" in info.data:  # else the policy itself is the error
+            RoutingConfig(policy=info.data["policy"], settings=settings.model_dump(exclude_none=True))
+        return settings
 
 
 class ModelDeploymentSpec(_Spec):

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from tusk.operator import schema as crd
-from tusk.operator.spec import RoutingSpec
+from tusk.operator.spec import RoutingSettings, RoutingSpec
 from tusk.router.kube import SYNC, ClientListWatch, ListWatch, Reflector
 from tusk.router.metrics import RouterMetrics
 from tusk.router.prefix_index import PrefixIndex
@@ -158,10 +158,17 @@ def parse_routing(spec: dict[str, Any]) -> RoutingConfig:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden" and first["loc"][:1] == ("settings",):
+            valid = ", ".join(RoutingSettings.model_fields)
+            raise RoutingError(
+                f"spec.routing.{where}: not a routing setting; valid settings: {valid}"
+            ) from None
+        if first["type"] == "value_error":  # a policy's own check; its message says what is wrong
+            raise RoutingError(
+                f"spec.routing.{where}: {first['msg'].removeprefix('Value error, ')}"
+            ) from None
         raise RoutingError(f"spec.routing.{where}: {first['msg']} (got {first.get('input')!r})") from None
-    config = RoutingConfig(
-        policy=routing.policy, disaggregation_threshold_tokens=routing.disaggregation_threshold
-    )
+    config = routing.to_config()
     try:
         build_policy(config.policy, PrefixIndex(), config)
     except (KeyError, ValueError) as exc:

@@ -13,6 +13,8 @@ each decision, and calls ``policy.observe(outcome)`` when a request finishes.
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from typing import Any
 
 from tusk.router.policies.base import (
@@ -59,6 +61,27 @@ SETTING_NAMES: tuple[str, ...] = tuple(
 )
 
 
+def setting_types() -> dict[str, Any]:
+    """Each setting's Python type (``None`` stripped: unset means the policy's default), so
+    config schemas such as the ModelDeployment CRD can be generated from the policies."""
+    found: dict[str, set[Any]] = {}
+    for cls in _CLASSES.values():
+        hints = typing.get_type_hints(cls.__init__)
+        for name in _params(cls):
+            hint = hints.get(name, Any)
+            present = [a for a in typing.get_args(hint) if a is not type(None)]
+            if typing.get_origin(hint) in (types.UnionType, typing.Union) and len(present) == 1:
+                hint = present[0]
+            found.setdefault(name, set()).add(hint)
+    out: dict[str, Any] = {}
+    for name in SETTING_NAMES:
+        kinds = found.get(name, set())
+        if len(kinds) > 1:
+            raise TypeError(f"policies disagree on the type of setting {name}: {kinds}")
+        out[name] = kinds.pop() if kinds else Any
+    return out
+
+
 def check_settings(settings: dict[str, Any]) -> None:
     """Raise ValueError for a setting no policy takes, listing the valid names."""
     unknown = sorted(set(settings) - set(SETTING_NAMES))
@@ -88,6 +111,7 @@ __all__ = [
     "SCORER_NAMES",
     "SETTING_NAMES",
     "check_settings",
+    "setting_types",
     "CacheAware",
     "CostPolicy",
     "LeastRequest",

@@ -15,7 +15,7 @@ from crd_server_model import Refused, admit, crd_errors, default_errors, nodes, 
 from kubernetes.utils import parse_quantity
 from tusk.operator import manifests, schema, spec
 from tusk.operator.spec import InvalidSpec, parse_spec
-from tusk.router.policies import POLICY_NAMES
+from tusk.router.policies import POLICY_NAMES, SETTING_NAMES
 
 from tusk.kernel_backends import KERNEL_BACKENDS
 
@@ -255,6 +255,11 @@ BAD_SPECS = [
     ("pull secret", _with("prefill.imagePullSecrets", [{}]), ".spec.prefill.imagePullSecrets[0]", "'name' is a required"),
     ("mount", _with("decode.volumeMounts", [{"name": "x", "mountPath": "rel"}]), ".spec.decode.volumeMounts[0].mountPath", "match"),
     ("typo", _with("decode.replica", 2), ".spec.decode.replica", "unknown field"),
+    ("setting typo", _with("routing.settings", {"cache_treshold": 0.5}), ".spec.routing.settings.cache_treshold", "unknown field"),
+    ("setting value", _with("routing.settings", {"cache_threshold": "high"}), ".spec.routing.settings.cache_threshold", "is not of type"),
+    ("setting type", _with("routing.settings", {"claim_routes": 1}), ".spec.routing.settings.claim_routes", "is not of type"),
+    ("scorer weight", _with("routing.settings", {"weights": {"prefix": "x"}}), ".spec.routing.settings.weights.prefix", "is not of type"),
+    ("two names", _with("routing.settings", {"disaggregation_threshold_tokens": 5}), ".spec.routing.settings.disaggregation_threshold_tokens", "unknown field"),
     ("served name", _with("servedModelNames", [""]), ".spec.servedModelNames[0]", "non-empty"),
     ("no source", {"model": {}}, ".spec.model", "'source' is a required"),
 ]  # fmt: skip
@@ -325,3 +330,34 @@ def test_cel_runs_after_a_bound_error_but_not_after_an_enum_error() -> None:
         admit(CRD, _md(raw))
     assert not any("tensor parallelism" in e for e in refused.value.errors)
     assert "some validation rules were not checked" in refused.value.errors[-1]
+
+
+def test_routing_settings_list_every_policy_setting_and_reach_the_router() -> None:
+    """Every knob a policy takes is a typed CRD field (one name each: the threshold is
+    disaggregationThreshold), and what is admitted is what the router's RoutingConfig gets."""
+    listed = set(_node(".spec.routing.settings")["properties"])
+    assert listed == set(SETTING_NAMES) - {"disaggregation_threshold_tokens"}
+    routing = {
+        "policy": "llmd_sticky",
+        "disaggregationThreshold": 512,
+        "settings": {
+            "queue_depth_threshold": 3,
+            "kv_util_threshold": 0.5,
+            "weights": {"prefix": 2, "queue": 1},
+        },
+    }
+    stored = admit(CRD, _md({**MINIMAL, "routing": routing}))
+    config = parse_spec(stored["spec"]).routing.to_config()
+    assert config.policy == "llmd_sticky" and config.disaggregation_threshold_tokens == 512
+    assert config.settings == {
+        "queue_depth_threshold": 3,
+        "kv_util_threshold": 0.5,
+        "weights": {"prefix": 2.0, "queue": 1.0},
+    }
+    assert parse_spec(admit(CRD, _md(MINIMAL))["spec"]).routing.to_config().settings == {}
+
+
+def test_a_setting_the_policy_refuses_is_named_by_the_operator() -> None:
+    """Beyond types the policy checks its own values (here a weight for an unknown scorer)."""
+    with pytest.raises(InvalidSpec, match=r"spec\.routing\.settings: unknown scorer\(s\) nope"):
+        parse_spec(_with("routing", {"policy": "weighted", "settings": {"weights": {"nope": 1}}}))

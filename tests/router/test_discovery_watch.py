@@ -316,3 +316,41 @@ def test_a_worker_that_is_not_what_its_model_deployment_says_gets_no_traffic(set
     for _ in range(5):
         resp = httpx.post(f"{s.url}/v1/completions", json={"model": "llama", "prompt": "x", "max_tokens": 2})
         assert resp.status_code == 200
+
+
+def test_model_deployment_settings_reach_the_policy_live_and_an_unknown_one_keeps_the_last_good(
+    setup, caplog
+) -> None:
+    s = setup()
+    routing = {"policy": "cache_aware", "settings": {"cache_threshold": 0.7, "balance_abs_threshold": 8}}
+    md = s.cluster.model_deployment("ml", "llama", routing=routing)
+    _, a1 = s.worker()
+    s.cluster.put("pods", pod("ml", "p1", a1, s.cluster.replica_set_of(md)))
+    s.settle({("ml/llama", a1)}, "start")
+    runtime = s.router.registry.models["ml/llama"]
+    assert runtime.default_policy.name == "cache_aware"
+    assert (runtime.default_policy.cache_threshold, runtime.default_policy.balance_abs_threshold) == (0.7, 8)
+    md["spec"]["routing"] = {"policy": "cache_aware", "settings": {"cache_threshold": 0.2}}
+    s.cluster.put("models", md)
+    wait(lambda: runtime.default_policy.cache_threshold == 0.2, "setting never changed")
+    assert runtime.default_policy.balance_abs_threshold == 64  # unset again: the policy's default
+    good = runtime.default_policy
+    caplog.set_level(logging.WARNING, logger="tusk.router.discovery")
+    bad_settings = (
+        {"cache_treshold": 0.9},  # a typo
+        {"cache_threshold": "high"},  # a bad value
+        {"disaggregation_threshold_tokens": 5},  # that knob is spec.routing.disaggregationThreshold
+    )
+    for bad in bad_settings:
+        md["spec"]["routing"] = {"policy": "cache_aware", "settings": bad}
+        s.cluster.put("models", md)
+    wait(lambda: len([r for r in caplog.records if "keeping the last good" in r.getMessage()]) == 3, "no log")
+    errors = [r.error for r in caplog.records if "keeping the last good" in r.getMessage()]
+    assert errors[0].startswith("spec.routing.settings.cache_treshold: not a routing setting")
+    assert "cache_threshold" in errors[0]  # the valid names are listed
+    assert errors[1].startswith("spec.routing.settings.cache_threshold:")
+    assert errors[2].startswith("spec.routing.settings.disaggregation_threshold_tokens:")
+    assert runtime.default_policy is good and good.cache_threshold == 0.2  # last good, untouched
+    assert s.router.registry.models["ml/llama"] is runtime
+    resp = httpx.post(f"{s.url}/v1/completions", json={"model": "llama", "prompt": "x", "max_tokens": 2})
+    assert resp.status_code == 200
