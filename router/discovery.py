@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import ValidationError
 from tusk.operator import schema as crd
 from tusk.operator.spec import RoutingSettings, RoutingSpec
-from tusk.router.kube import SYNC, ClientListWatch, ListWatch, Reflector
+from tusk.router.kube import SYNC, ClientListWatch, ListWatch, Reflector, pod_list_watch
 from tusk.router.metrics import RouterMetrics
 from tusk.router.prefix_index import PrefixIndex
 from tusk.router.registry import ModelRegistry, ModelRuntime, build_policy
@@ -616,15 +616,8 @@ class SelectorDiscovery(_Watching):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.source is None:
-            from kubernetes import client
-
-            core = client.CoreV1Api(await asyncio.to_thread(self._api_client_factory))
-            if self.namespace:
-                self.source = ClientListWatch(
-                    core.list_namespaced_pod, self.namespace, label_selector=self.selector
-                )
-            else:
-                self.source = ClientListWatch(core.list_pod_for_all_namespaces, label_selector=self.selector)
+            api_client = await asyncio.to_thread(self._api_client_factory)
+            self.source = pod_list_watch(api_client, self.namespace, self.selector)
         self._watch(f"pods of {self.model}", self.source, lambda kind, p: self._post(self.on_pods, kind, p))
 
     async def stop(self) -> None:

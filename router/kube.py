@@ -130,6 +130,17 @@ class ClientListWatch:
                 self._watch.stop()
 
 
+def pod_list_watch(api_client: Any, namespace: str | None, selector: str) -> ClientListWatch:
+    """A list-then-watch source over the pods matching ``selector``, in ``namespace`` or, when it
+    is empty, in every namespace."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    if namespace:
+        return ClientListWatch(core.list_namespaced_pod, namespace, label_selector=selector)
+    return ClientListWatch(core.list_pod_for_all_namespaces, label_selector=selector)
+
+
 def resource_version(obj: Any) -> str | None:
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     return (meta or {}).get("resourceVersion")

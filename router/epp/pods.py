@@ -23,7 +23,7 @@ from tusk.operator.desired import HTTP_PORT
 from tusk.operator.vllm import KV_EVENTS_PORT_NAME, KV_REPLAY_PORT_NAME
 from tusk.router.discovery import _Watching, default_api_client, object_key, pod_endpoint
 from tusk.router.epp.picker import EndpointPicker, ModelPicker
-from tusk.router.kube import SYNC, ClientListWatch, ListWatch
+from tusk.router.kube import SYNC, ListWatch, pod_list_watch
 
 from tusk.config import Role, WorkerEndpoint
 
@@ -85,15 +85,8 @@ class PodServers(_Watching):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.source is None:
-            from kubernetes import client
-
-            core = client.CoreV1Api(await asyncio.to_thread(self._api_client_factory))
-            if self.namespace:
-                self.source = ClientListWatch(
-                    core.list_namespaced_pod, self.namespace, label_selector=self.selector
-                )
-            else:
-                self.source = ClientListWatch(core.list_pod_for_all_namespaces, label_selector=self.selector)
+            api_client = await asyncio.to_thread(self._api_client_factory)
+            self.source = pod_list_watch(api_client, self.namespace, self.selector)
         self._watch(f"pods of {self.model.name}", self.source, lambda k, p: self._post(self.on_pods, k, p))
 
     async def stop(self) -> None:
