@@ -277,16 +277,21 @@ def test_bad_model_folder_exits_with_a_clear_message(tmp_path: Path) -> None:
     assert result.stdout == "" and time.monotonic() - started < 120
 
 
-async def test_deadline_ends_the_request(llama_dir: Path) -> None:
-    worker, stub, channel = await start(worker_config(llama_dir))
-    engine = worker.service.engine
+def _slow_steps(engine, seconds: float = 0.01) -> None:
+    """Make every engine step take at least ``seconds``, so a deadline lands mid-stream."""
     step = engine.step
 
-    def slow_step():  # the tiny model can finish 200 tokens within the deadline otherwise
-        time.sleep(0.01)
+    def slow_step():
+        time.sleep(seconds)
         return step()
 
     engine.step = slow_step
+
+
+async def test_deadline_ends_the_request(llama_dir: Path) -> None:
+    worker, stub, channel = await start(worker_config(llama_dir))
+    engine = worker.service.engine
+    _slow_steps(engine)  # the tiny model can finish 200 tokens within the deadline otherwise
     try:
         request = pb.GenerateRequest(
             prompt_token_ids=PROMPT, sampling=greedy(200), deadline_unix_s=time.time() + 0.2
@@ -308,13 +313,7 @@ async def test_deadline_ends_a_stream_whose_client_reads_slowly(llama_dir: Path)
     """The deadline holds even while the client is behind: nothing waits at a yield past it."""
     worker, stub, channel = await start(worker_config(llama_dir))
     engine = worker.service.engine
-    step = engine.step
-
-    def slow_step():
-        time.sleep(0.01)
-        return step()
-
-    engine.step = slow_step
+    _slow_steps(engine)
     try:
         request = pb.GenerateRequest(
             prompt_token_ids=PROMPT, sampling=greedy(400), deadline_unix_s=time.time() + 0.5
