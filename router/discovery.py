@@ -589,7 +589,44 @@ class KubernetesDiscovery(_Watching):
         log.warning(message, extra=extra)
 
 
-class SelectorDiscovery(_Watching):
+class PodSelectorWatch(_Watching):
+    """The pods a label selector matches, in one namespace or all, delivered in order to
+    ``on_pods`` on the event loop. Subclasses say what the pods serve."""
+
+    def __init__(
+        self,
+        selector: str,
+        *,
+        namespace: str | None = None,
+        source: ListWatch | None = None,
+        api_client_factory: Callable[[], Any] | None = None,
+        watch_timeout_s: int = 300,
+    ) -> None:
+        super().__init__(watch_timeout_s)
+        self.selector = selector
+        self.namespace = namespace
+        self.source = source
+        self._api_client_factory = api_client_factory or default_api_client
+        self.pods: dict[str, dict[str, Any]] = {}
+
+    def watch_name(self) -> str:
+        return f"pods matching {self.selector}"
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.source is None:
+            api_client = await asyncio.to_thread(self._api_client_factory)
+            self.source = pod_list_watch(api_client, self.namespace, self.selector)
+        self._watch(self.watch_name(), self.source, lambda kind, p: self._post(self.on_pods, kind, p))
+
+    async def stop(self) -> None:
+        await self._stop_watches()
+
+    def on_pods(self, kind: str, payload: Any) -> None:
+        raise NotImplementedError
+
+
+class SelectorDiscovery(PodSelectorWatch):
     """Pods found by a config route's ``kubernetes_selector`` serve that configured model.
     The admin chose the selector; no ownership is required. Events apply in order as above."""
 
@@ -604,24 +641,18 @@ class SelectorDiscovery(_Watching):
         api_client_factory: Callable[[], Any] | None = None,
         watch_timeout_s: int = 300,
     ) -> None:
-        super().__init__(watch_timeout_s)
+        super().__init__(
+            selector,
+            namespace=namespace,
+            source=source,
+            api_client_factory=api_client_factory,
+            watch_timeout_s=watch_timeout_s,
+        )
         self.registry = registry
         self.model = model
-        self.selector = selector
-        self.namespace = namespace
-        self.source = source
-        self._api_client_factory = api_client_factory or default_api_client
-        self.pods: dict[str, dict[str, Any]] = {}
 
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        if self.source is None:
-            api_client = await asyncio.to_thread(self._api_client_factory)
-            self.source = pod_list_watch(api_client, self.namespace, self.selector)
-        self._watch(f"pods of {self.model}", self.source, lambda kind, p: self._post(self.on_pods, kind, p))
-
-    async def stop(self) -> None:
-        await self._stop_watches()
+    def watch_name(self) -> str:
+        return f"pods of {self.model}"
 
     def on_pods(self, kind: str, payload: Any) -> None:
         if kind == SYNC:

@@ -21,9 +21,9 @@ from typing import Any
 
 from tusk.operator.desired import HTTP_PORT
 from tusk.operator.vllm import KV_EVENTS_PORT_NAME, KV_REPLAY_PORT_NAME
-from tusk.router.discovery import _Watching, default_api_client, object_key, pod_endpoint
+from tusk.router.discovery import PodSelectorWatch, object_key, pod_endpoint
 from tusk.router.epp.picker import EndpointPicker, ModelPicker
-from tusk.router.kube import SYNC, ListWatch, pod_list_watch
+from tusk.router.kube import SYNC, ListWatch
 
 from tusk.config import Role, WorkerEndpoint
 
@@ -59,7 +59,7 @@ def pod_http_address(pod: dict[str, Any]) -> str | None:
     return server.address if server is not None else None
 
 
-class PodServers(_Watching):
+class PodServers(PodSelectorWatch):
     """Keeps one model's servers equal to the ready pods its selector matches."""
 
     def __init__(
@@ -72,25 +72,22 @@ class PodServers(_Watching):
         api_client_factory: Callable[[], Any] | None = None,
         watch_timeout_s: int = 300,
     ) -> None:
-        super().__init__(watch_timeout_s)
+        super().__init__(
+            selector,
+            namespace=namespace,
+            source=source,
+            api_client_factory=api_client_factory,
+            watch_timeout_s=watch_timeout_s,
+        )
         self.model = model
-        self.selector = selector
-        self.namespace = namespace
-        self.source = source
-        self._api_client_factory = api_client_factory or default_api_client
-        self.pods: dict[str, dict[str, Any]] = {}
         self.added: set[str] = set()  # servers this watch added (static ones are left alone)
         self._closing: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        if self.source is None:
-            api_client = await asyncio.to_thread(self._api_client_factory)
-            self.source = pod_list_watch(api_client, self.namespace, self.selector)
-        self._watch(f"pods of {self.model.name}", self.source, lambda k, p: self._post(self.on_pods, k, p))
+    def watch_name(self) -> str:
+        return f"pods of {self.model.name}"
 
     async def stop(self) -> None:
-        await self._stop_watches()
+        await super().stop()
         await asyncio.gather(*self._closing, return_exceptions=True)
 
     def on_pods(self, kind: str, payload: Any) -> None:
