@@ -64,6 +64,12 @@ DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 REDIS_URL_PATTERN = r"^(redis|rediss|valkey|valkeys|unix)://\S+$"
 
+
+def object_name_field(alias: str, description: str) -> Any:
+    """An optional reference, by name, to another Kubernetes object (a DNS subdomain name)."""
+    return Field(None, alias=alias, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN, description=description)
+
+
 # Upper bounds that catch typos (an extra zero, a byte count where tokens were meant).
 MAX_REPLICAS = 1000
 MAX_TOKENS = 1 << 20
@@ -188,12 +194,8 @@ class CacheSpec(_Spec):
         alias="sizeLimit",
         description="Size limit (and ephemeral-storage request) of the per-pod download cache.",
     )
-    persistent_volume_claim: str | None = Field(
-        None,
-        alias="persistentVolumeClaim",
-        max_length=253,
-        pattern=DNS_SUBDOMAIN_PATTERN,
-        description="A shared model-cache PVC (ReadWriteMany) used instead of the per-pod cache.",
+    persistent_volume_claim: str | None = object_name_field(
+        "persistentVolumeClaim", "A shared model-cache PVC (ReadWriteMany) used instead of the per-pod cache."
     )
 
 
@@ -319,26 +321,14 @@ class RoleSpec(_Spec):
         description="Secrets for pulling the worker image, as in a Pod spec.",
         json_schema_extra=_NAME_REF_ITEMS,
     )
-    service_account_name: str | None = Field(
-        None,
-        alias="serviceAccountName",
-        max_length=253,
-        pattern=DNS_SUBDOMAIN_PATTERN,
-        description="ServiceAccount the worker pods run as.",
+    service_account_name: str | None = object_name_field(
+        "serviceAccountName", "ServiceAccount the worker pods run as."
     )
-    priority_class_name: str | None = Field(
-        None,
-        alias="priorityClassName",
-        max_length=253,
-        pattern=DNS_SUBDOMAIN_PATTERN,
-        description="PriorityClass of the worker pods.",
+    priority_class_name: str | None = object_name_field(
+        "priorityClassName", "PriorityClass of the worker pods."
     )
-    runtime_class_name: str | None = Field(
-        None,
-        alias="runtimeClassName",
-        max_length=253,
-        pattern=DNS_SUBDOMAIN_PATTERN,
-        description="RuntimeClass of the worker pods (e.g. nvidia).",
+    runtime_class_name: str | None = object_name_field(
+        "runtimeClassName", "RuntimeClass of the worker pods (e.g. nvidia)."
     )
     topology_spread_constraints: list[dict[str, Any]] = Field(
         [],
