@@ -27,7 +27,7 @@ from tusk.worker.connector import KvConnector, TierConnector
 from tusk.worker.kv_transfer import kv_fingerprint
 from tusk.worker.model_runner import ModelRunner
 from tusk.worker.models.llama import LlamaModel
-from tusk.worker.scheduler import Scheduler
+from tusk.worker.scheduler import Scheduler, prefill_remainder
 from tusk.worker.sequence import FinishReason, SamplingParams, Sequence, check_sampling
 
 from tusk.config import EngineConfig, KVTierConfig, Role
@@ -139,6 +139,10 @@ class LLMEngine:
         self._live: set[str] = set()
         self._live_lock = threading.Lock()
         self._pending_outputs: list[RequestOutput] = []
+        # Requests (and their tokens) accepted by add_request / taken in by a step: the load
+        # report counts those accepted but not yet in the scheduler as queued.
+        self._submitted = [0, 0]  # under _live_lock
+        self._admitted = [0, 0]  # step thread only
         self._events: list[KvEventRecord] = []
         # Counters and recent rates for the load report and metrics.
         self.num_steps = 0
@@ -231,6 +235,8 @@ class LLMEngine:
             if request_id in self._live:
                 raise InvalidRequest(f"request id {request_id!r} is already running")
             self._live.add(request_id)
+            self._submitted[0] += 1
+            self._submitted[1] += len(prompt) + (first_token is not None)
         seq = Sequence(
             request_id,
             prompt,
@@ -289,13 +295,14 @@ class LLMEngine:
         for item in batch:
             if item.seq.first_scheduled is None:
                 item.seq.first_scheduled = now
+        # Prefill work of this step, told apart before it runs (a 1-token chunk is prefill too).
+        num_prefill = sum(item.num_tokens for item in batch if prefill_remainder(item.seq))
         started = time.perf_counter()
         sampled = self.runner.run(batch)
         elapsed = time.perf_counter() - started
         for item in batch:
             if item.seq.first_token_time is None:  # still prefilling here (chunks, or a recompute)
                 item.seq.prefill_compute_s += elapsed
-        num_prefill = sum(item.num_tokens for item in batch if item.num_tokens > 1)
         self._note_step(len(batch), num_prefill, elapsed)
 
         new_full: list[tuple[Sequence, int, int]] = []  # (seq, block hash, block id)
@@ -346,6 +353,8 @@ class LLMEngine:
         return outputs
 
     def _admit(self, seq: Sequence, first_token: int | None) -> None:
+        self._admitted[0] += 1
+        self._admitted[1] += len(seq.prompt) + (first_token is not None)
         if first_token is not None:
             seq.tokens.append(first_token)
             reason = self._stop_reason(seq, first_token)
@@ -426,6 +435,8 @@ class LLMEngine:
         )
 
     def _note_step(self, batch_size: int, prefill_tokens: int, elapsed: float) -> None:
+        """Rates for the load report: tokens per second over steps that prefilled (whole step
+        time, decodes riding along included), and the time of steps that only decoded."""
         self.num_steps += 1
         self.last_batch_size = batch_size
         self.last_step_s = elapsed
@@ -488,14 +499,37 @@ class LLMEngine:
         s = self.scheduler
         return {
             "running": len(s.running),
-            "waiting": len(s.waiting) + len(s.loading),
-            "queued_prefill_tokens": s.num_queued_tokens,
+            "waiting": s.num_queued,
+            "queued_prefill_tokens": s.queued_prefill_tokens(),
             "free_blocks": self.blocks.num_free,
             "total_blocks": self.num_blocks,
             "cache_hit_tokens": s.cache_hit_tokens,
             "cache_query_tokens": s.cache_query_tokens,
             "tier_hit_tokens": s.tier_hit_tokens,
             "preemptions": s.num_preemptions,
+            "admitted": self._admitted[0],
+            "admitted_tokens": self._admitted[1],
+        }
+
+    def load(self) -> dict[str, int | float]:
+        """The engine's LoadReport fields, by their protobuf names; the meanings are defined once,
+        on ``LoadReport`` in tusk/protocol/worker.proto. Safe from any thread: the last step's
+        figures plus the requests accepted since that step took its snapshot (no cache credit
+        known for those yet)."""
+        s = self.last_stats
+        with self._live_lock:
+            pending = self._submitted[0] - int(s["admitted"])
+            pending_tokens = self._submitted[1] - int(s["admitted_tokens"])
+        return {
+            "running_requests": int(s["running"]),
+            "queued_requests": int(s["waiting"]) + pending,
+            "queued_prefill_tokens": int(s["queued_prefill_tokens"]) + pending_tokens,
+            "free_blocks": int(s["free_blocks"]),
+            "total_blocks": int(s["total_blocks"]),
+            "cache_hit_tokens": int(s["cache_hit_tokens"]),
+            "cache_query_tokens": int(s["cache_query_tokens"]),
+            "prefill_tokens_per_s": float(self.prefill_tokens_per_s),
+            "decode_step_s": float(self.decode_step_s),
         }
 
     def close(self) -> None:

@@ -27,6 +27,17 @@ from tusk.worker.connector import KvConnector
 from tusk.worker.sequence import FinishReason, SeqStatus, Sequence
 
 
+def prefill_remainder(seq: Sequence) -> int:
+    """Tokens a running sequence must still compute before it samples, while it prefills (a
+    prompt part-way through its chunks, a decode continuation after its KV handoff, a recompute
+    after preemption); 0 once it decodes, its one uncomputed token being the decode itself.
+
+    A first prefill is told apart by not having sampled here yet; a recompute with a single token
+    left looks like a decode and counts 0."""
+    left = seq.num_uncomputed
+    return left if seq.first_token_time is None or left > 1 else 0
+
+
 @dataclass
 class ScheduledSeq:
     seq: Sequence
@@ -69,6 +80,7 @@ class Scheduler:
         self.cache_hit_tokens = 0
         self.cache_query_tokens = 0
         self.tier_hit_tokens = 0
+        self._credit_memo: dict[str, int] = {}  # request id -> cached prefix blocks, last seen
 
     # -- membership ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -79,10 +91,45 @@ class Scheduler:
         return bool(self.waiting or self.running or self.loading)
 
     @property
-    def num_queued_tokens(self) -> int:
-        return sum(s.num_uncomputed for s in self.waiting) + sum(
-            len(item.seq.tokens) for item in self.loading
-        )
+    def num_queued(self) -> int:
+        """Requests waiting to start: queued, or fetching their prefix from the KV tier."""
+        return len(self.waiting) + sum(1 for item in self.loading if not item.aborted)
+
+    def queued_prefill_tokens(self) -> int:
+        """Tokens still to prefill, as LoadReport.queued_prefill_tokens defines them: the rest of
+        every running prefill (chunked prompts part-way through), every queued request less the
+        prefix it will find cached here, and every tier fetch less the blocks being fetched."""
+        bs = self.block_size
+        total = sum(prefill_remainder(seq) for seq in self.running)
+        total += sum(len(i.seq.tokens) - len(i.seq.block_table) * bs for i in self.loading if not i.aborted)
+        memo: dict[str, int] = {}
+        for seq in self.waiting:
+            if seq.block_table:  # back from the tier, holding its prefix
+                total += seq.num_uncomputed
+                continue
+            cached = self._cached_prefix_blocks(seq, self._credit_memo.get(seq.request_id))
+            memo[seq.request_id] = cached
+            total += len(seq.tokens) - cached * bs
+        self._credit_memo = memo
+        return total
+
+    def _cached_prefix_blocks(self, seq: Sequence, known: int | None) -> int:
+        """Leading blocks ``_start`` would find cached for a queued sequence. ``known`` (the
+        previous answer) is kept while the cache still ends the prefix there, so a long queue
+        costs two lookups per sequence per step rather than one per cached block."""
+        usable = self._usable_hashes(seq)
+        if known is not None and known <= len(usable):
+            cached = self.blocks.cached_prefix_len
+            if (known == 0 or cached(usable[known - 1 : known])) and (
+                known == len(usable) or not cached(usable[known : known + 1])
+            ):
+                return known
+        return self.blocks.cached_prefix_len(usable)
+
+    def _usable_hashes(self, seq: Sequence) -> list[int]:
+        """Hashes of the blocks a cache hit may supply: every full block but one holding the last
+        token, which is always computed (it yields the next token's logits)."""
+        return seq.full_block_hashes(self.block_size)[: (len(seq.tokens) - 1) // self.block_size]
 
     def abort(self, request_id: str) -> Sequence | None:
         """Stop a request wherever it is; its blocks are released (after an in-flight tier load)."""
@@ -183,8 +230,7 @@ class Scheduler:
         """Attach cached prefix blocks; True = ready to compute, False = loading from the tier,
         None = no memory now (the sequence stays queued)."""
         bs = self.block_size
-        hashes = seq.full_block_hashes(bs)
-        usable = hashes[: (len(seq.tokens) - 1) // bs]  # the last token is always computed
+        usable = self._usable_hashes(seq)
         seq.block_table = self.blocks.acquire_cached(usable)
         seq.num_computed = len(seq.block_table) * bs
         first_time = seq.num_cached_prompt < 0

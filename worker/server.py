@@ -359,21 +359,8 @@ class WorkerService(rpc.WorkerServicer):
         return pb.CancelResponse(found=self.engine.abort(request.request_id))
 
     async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadReport:
-        e = self.engine
-        s = e.last_stats
-        return pb.LoadReport(
-            worker_id=self.worker_id,
-            role=self.config.role.value,
-            running_requests=int(s["running"]),
-            queued_requests=int(s["waiting"]),
-            queued_prefill_tokens=int(s["queued_prefill_tokens"]),
-            free_blocks=int(s["free_blocks"]),
-            total_blocks=int(s["total_blocks"]),
-            cache_hit_tokens=int(s["cache_hit_tokens"]),
-            cache_query_tokens=int(s["cache_query_tokens"]),
-            prefill_tokens_per_s=e.prefill_tokens_per_s,
-            decode_step_s=e.decode_step_s,
-        )
+        """The field meanings are LoadReport's (worker.proto); ``LLMEngine.load`` computes them."""
+        return pb.LoadReport(worker_id=self.worker_id, role=self.config.role.value, **self.engine.load())
 
     async def StreamKvEvents(
         self, request: pb.KvEventsRequest, context: grpc.aio.ServicerContext
