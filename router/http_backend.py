@@ -6,6 +6,20 @@ defines and tusk workers and SGLang also expose: queue length, running requests,
 cache configuration. A failed scrape marks the server unhealthy at once (and forgets what the
 prefix index believed it cached); the next good scrape brings it back.
 
+These gauges only approximate the meanings that tusk's gRPC ``LoadReport`` defines (worker.proto,
+what tusk workers, the emulator and the simulator report), field by field:
+
+* ``queued_requests`` and ``running_requests``: the waiting and running gauges, the same meanings
+  (vLLM counts a part-prefilled chunked prompt as running, a preempted one as waiting).
+* ``queued_prefill_tokens``: estimated as waiting requests x the mean prompt routed lately. No
+  gauge carries it, so it leaves out the running prefill's remainder (a server deep in a long
+  chunked prefill reads as idle once its queue is empty) and gives no credit for prefixes the
+  queued prompts will find cached.
+* ``free_blocks`` / ``total_blocks``: KV usage x the cache config's block count; without a
+  cache config, per mille of an unknown size (comparable between servers, not in blocks).
+* ``prefill_tokens_per_s`` and ``decode_step_s``: not exported, left at 0 (unknown), so the
+  ``cost`` policy uses its default prefill rate and counts no per-chunk decode or KV-wait time.
+
 Where a server publishes its KV events over ZMQ (vLLM's and SGLang's ``--kv-events-config``), a
 ``KvEventSubscriber`` (``kv_events_zmq``) keeps the prefix index exact; otherwise the caller
 records each routing decision in the index (approximate mode, as with tusk's events off).
