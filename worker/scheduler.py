@@ -117,19 +117,22 @@ class Scheduler:
         """Leading blocks ``_start`` would find cached for a queued sequence. ``known`` (the
         previous answer) is kept while the cache still ends the prefix there, so a long queue
         costs two lookups per sequence per step rather than one per cached block."""
-        usable = self._usable_hashes(seq)
-        if known is not None and known <= len(usable):
-            cached = self.blocks.cached_prefix_len
-            if (known == 0 or cached(usable[known - 1 : known])) and (
-                known == len(usable) or not cached(usable[known : known + 1])
-            ):
-                return known
-        return self.blocks.cached_prefix_len(usable)
+        hashes = seq.full_block_hashes(self.block_size)
+        usable = self._num_usable_blocks(seq)
+        cached = self.blocks.cached_prefix_len
+        if (
+            known is not None
+            and known <= usable
+            and (known == 0 or cached(hashes[known - 1 : known]))
+            and (known == usable or not cached(hashes[known : known + 1]))
+        ):
+            return known
+        return cached(hashes[:usable])
 
-    def _usable_hashes(self, seq: Sequence) -> list[int]:
-        """Hashes of the blocks a cache hit may supply: every full block but one holding the last
+    def _num_usable_blocks(self, seq: Sequence) -> int:
+        """Leading blocks a cache hit may supply: every full block but one holding the last
         token, which is always computed (it yields the next token's logits)."""
-        return seq.full_block_hashes(self.block_size)[: (len(seq.tokens) - 1) // self.block_size]
+        return (len(seq.tokens) - 1) // self.block_size
 
     def abort(self, request_id: str) -> Sequence | None:
         """Stop a request wherever it is; its blocks are released (after an in-flight tier load)."""
@@ -230,7 +233,7 @@ class Scheduler:
         """Attach cached prefix blocks; True = ready to compute, False = loading from the tier,
         None = no memory now (the sequence stays queued)."""
         bs = self.block_size
-        usable = self._usable_hashes(seq)
+        usable = seq.full_block_hashes(bs)[: self._num_usable_blocks(seq)]
         seq.block_table = self.blocks.acquire_cached(usable)
         seq.num_computed = len(seq.block_table) * bs
         first_time = seq.num_cached_prompt < 0
