@@ -18,10 +18,21 @@ how many workers exist:
 * ``_tier``: an ``OrderedDict`` of hashes the shared tier holds, bounded the same way.
 
 Exact mode is fed by the workers' KV events (``apply_event``). ``claim`` runs ahead of them:
-a routing decision marks the request's blocks as held by the chosen worker for ``ttl_s``
+a routing decision marks the request's chain as held by the chosen worker for ``ttl_s``
 (llm-d pre-inserts routed prefixes for about 2 s) so the next turn of a conversation arriving
-while this prefill runs already sees the match. A claimed block turns into a real one when the
-worker's ``stored`` event arrives; an unconfirmed claim disappears when its time is up. Approximate mode (events off)
+while this prefill runs already sees the match. A claim is one record (worker, the request's
+chain from block 0, deadline), not one index entry per block: the claim path runs on every
+routing decision, and per-block dict writes into a large index cost ~0.2 us each (a 320-block
+claim plus its expiry ~100 us). ``match`` finds claims through *grid marks*: the record is
+listed under every ``CLAIM_GRID``-th hash of its chain (``_claim_marks``: hash -> slot ->
+records). Chained hashes make a claim's coverage of a request the longest common prefix of the
+two chains, so a bisection over the request's grid positions finds each worker's deepest
+claimed mark and a few hash comparisons against that mark's records give the exact depth; a
+worker's match is the larger of its held and its claimed depth. Records carry their deadline,
+so an expired claim never counts, while its marks are swept in bounded batches (a few records
+per call). A ``stored`` event holding a claim's last block confirms it (the blocks are now
+held), ``cleared`` and ``remove_worker`` drop the worker's claims, ``removed`` leaves claims
+alone (the routed request will hold its blocks while it runs). Approximate mode (events off)
 calls ``record_route`` on each routing decision: the chosen worker will hold the request's
 blocks soon, and the per-worker LRU bound plays the part of the worker's own eviction.
 """
@@ -37,9 +48,29 @@ EventKind = Literal["stored", "removed", "cleared"]
 Medium = Literal["device", "host", "tier"]
 
 _MEDIUM_BITS = {"device": 1, "host": 2}
-_CLAIM_BIT = 4  # claimed by a routing decision, not yet confirmed by a KV event
 EVENT_KINDS = ("stored", "removed", "cleared")
 MEDIA = ("device", "host", "tier")
+CLAIM_GRID = 32  # a claim record is listed under every 32nd hash of its chain
+# Expired claim records swept per ``claim`` / ``match`` call: bounded work per decision that
+# still drains records three times as fast as one claim per decision adds them.
+_CLAIM_SWEEP = 2
+_MATCH_SWEEP = 1
+_CLAIM_SCAN = 32  # newest live records compared per (mark, worker) when refining a claimed depth
+_DEAD = float("-inf")  # the deadline of a confirmed or dropped claim
+
+
+class _Claim:
+    """One routing decision's claim: ``slot`` will hold ``hashes`` (the request's chain from
+    block 0) until ``deadline``. ``due`` orders the sweep queue (a renewed claim moves back);
+    ``blocks`` is what it adds to ``worker_blocks`` (0 once confirmed, dropped or swept)."""
+
+    __slots__ = ("deadline", "due", "slot", "hashes", "blocks")
+
+    def __init__(self, deadline: float, slot: int, hashes: tuple[int, ...], blocks: int) -> None:
+        self.deadline = self.due = deadline
+        self.slot = slot
+        self.hashes = hashes
+        self.blocks = blocks
 
 
 class PrefixIndex:
@@ -62,7 +93,10 @@ class PrefixIndex:
         self._free_slots: list[int] = []
         self._blocks: dict[int, OrderedDict[int, int]] = {}
         self._tier: OrderedDict[int, None] = OrderedDict()
-        self._claims: deque[tuple[float, str, Sequence[int]]] = deque()
+        self._claim_marks: dict[int, dict[int, list[_Claim]]] = {}
+        self._claim_ends: dict[int, list[_Claim]] = {}  # a chain's last hash -> its claims
+        self._claim_queue: deque[_Claim] = deque()  # in deadline order (one TTL per policy)
+        self._claimed_blocks: dict[int, int] = {}  # slot -> claimed blocks beyond its held prefix
         # seconds; the simulator swaps in its virtual clock
         self.clock: Callable[[], float] = time.monotonic
 
@@ -86,8 +120,7 @@ class PrefixIndex:
                 victim, _ = blocks.popitem(last=False)
                 self._drop_holder(victim, slot)
         else:
-            # a real store confirms a claim: the block no longer expires with it
-            blocks[h] = (old | bits) & ~_CLAIM_BIT if bits != _CLAIM_BIT else old | bits
+            blocks[h] = old | bits
             blocks.move_to_end(h)
 
     def _drop_holder(self, h: int, slot: int) -> None:
@@ -124,15 +157,19 @@ class PrefixIndex:
         bits = _MEDIUM_BITS[medium]
         slot = self._slot(worker_id)
         if kind == "stored":
+            if not isinstance(hashes, (list, tuple)):
+                hashes = list(hashes)
             for h in hashes:
                 self._add(slot, h, bits)
+            if self._claim_ends:
+                self._confirm_claims(slot, hashes)
         elif kind == "removed":
             for h in hashes:
                 self._remove(slot, h, bits)
         else:  # cleared: everything this worker held in that medium (and its claims)
-            bits |= _CLAIM_BIT
             for h in [h for h, b in self._blocks[slot].items() if b & bits]:
                 self._remove(slot, h, bits)
+            self._drop_worker_claims(slot)
 
     def _apply_tier(self, kind: str, hashes: Iterable[int]) -> None:
         tier = self._tier
@@ -167,57 +204,160 @@ class PrefixIndex:
                 holders[h] = holders.get(h, 0) | bit
             else:
                 if old != 1:
-                    blocks[h] = (old | 1) & ~_CLAIM_BIT  # a route confirms a claim
+                    blocks[h] = old | 1
                 touch(h)
         while len(blocks) > self.max_blocks_per_worker:
             self._drop_holder(blocks.popitem(last=False)[0], slot)
 
     def claim(self, worker_id: str, hashes: Sequence[int], ttl_s: float) -> None:
-        """The router just sent these blocks' request to ``worker_id``: count them as held there
-        until the worker's KV events confirm them or ``ttl_s`` passes (see the module doc)."""
-        if not hashes:
-            return
-        self.expire_claims()
-        slot = self._slot(worker_id)
-        # _add inlined: this runs on every routing decision, for up to a few hundred blocks
-        blocks = self._blocks[slot]
-        holders = self._holders
-        bit = 1 << slot
-        get = blocks.get
-        for h in reversed(hashes):  # tail first, like record_route
-            old = get(h)
-            if old is None:
-                blocks[h] = _CLAIM_BIT
-                holders[h] = holders.get(h, 0) | bit
-            else:
-                blocks[h] = old | _CLAIM_BIT
-                blocks.move_to_end(h)
-        while len(blocks) > self.max_blocks_per_worker:
-            self._drop_holder(blocks.popitem(last=False)[0], slot)
-        self._claims.append((self.clock() + ttl_s, worker_id, hashes))
-
-    def expire_claims(self) -> None:
-        """Drop the claims whose time is up and that no KV event confirmed."""
-        claims = self._claims
-        if not claims:
+        """The router just sent a request with these blocks (its whole chain, from block 0) to
+        ``worker_id``: count them as held there until the worker's ``stored`` event confirms
+        them or ``ttl_s`` passes. One record and ``len(hashes) / CLAIM_GRID`` dict writes, plus
+        a bounded sweep of expired records (see the module doc)."""
+        n = len(hashes)
+        if not n:
             return
         now = self.clock()
-        while claims and claims[0][0] <= now:
-            _, worker_id, hashes = claims.popleft()
-            slot = self._slots.get(worker_id)
-            if slot is None:
-                continue
-            blocks = self._blocks[slot]
+        if self._claim_queue:
+            self._sweep_claims(now, _CLAIM_SWEEP)
+        slot = self._slot(worker_id)
+        held = self._held_depth(slot, hashes)
+        if held >= n:
+            return  # it already holds the whole chain
+        deadline = now + ttl_s
+        last = hashes[-1]
+        ends = self._claim_ends.get(last)
+        if ends is not None:
+            for c in ends:  # chained hashes: the same last hash is the same chain
+                if c.slot == slot and c.deadline > now and len(c.hashes) == n:
+                    c.deadline = max(c.deadline, deadline)  # claimed again: renew
+                    return
+        c = _Claim(deadline, slot, tuple(hashes), n - held)
+        marks = self._claim_marks
+        for p in range(0, n, CLAIM_GRID):
+            h = hashes[p]
+            by_slot = marks.get(h)
+            if by_slot is None:
+                marks[h] = {slot: [c]}
+            else:
+                records = by_slot.get(slot)
+                if records is None:
+                    by_slot[slot] = [c]
+                else:
+                    records.append(c)
+        if ends is None:
+            self._claim_ends[last] = [c]
+        else:
+            ends.append(c)
+        self._claimed_blocks[slot] = self._claimed_blocks.get(slot, 0) + c.blocks
+        self._claim_queue.append(c)
+
+    def _held_depth(self, slot: int, hashes: Sequence[int]) -> int:
+        """How many leading ``hashes`` the worker holds (bisection under prefix closure)."""
+        blocks = self._blocks[slot]
+        if self.exact_match:
+            depth = 0
             for h in hashes:
-                b = blocks.get(h)
-                if b is not None and b & _CLAIM_BIT:
-                    self._remove(slot, h, _CLAIM_BIT)
+                if h not in blocks:
+                    break
+                depth += 1
+            return depth
+        n = len(hashes)
+        if hashes[0] not in blocks:
+            return 0
+        if hashes[n - 1] in blocks:
+            return n
+        lo, hi = 1, n  # it holds the first lo blocks and not the first hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if hashes[mid - 1] in blocks:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def expire_claims(self) -> None:
+        """Sweep every expired claim record now (``match`` and ``claim`` sweep a few per call;
+        an expired claim never counts either way: this only frees its memory)."""
+        if self._claim_queue:
+            self._sweep_claims(self.clock(), len(self._claim_queue))
+
+    @property
+    def pending_claims(self) -> int:
+        """Claim records in memory: live, or expired and not yet swept."""
+        return len(self._claim_queue)
+
+    def _sweep_claims(self, now: float, limit: int) -> None:
+        queue = self._claim_queue
+        while queue and limit > 0:
+            c = queue[0]
+            if c.due > now:
+                return
+            queue.popleft()
+            limit -= 1
+            if c.deadline > now:  # renewed since it was queued
+                c.due = c.deadline
+                queue.append(c)
+            elif c.deadline != _DEAD:  # (a dead record is already unlisted)
+                self._unlist_claim(c)
+
+    def _unlist_claim(self, c: _Claim) -> None:
+        """Take a record out of the marks and the chain ends, and out of ``worker_blocks``."""
+        slot, hashes = c.slot, c.hashes
+        marks = self._claim_marks
+        for p in range(0, len(hashes), CLAIM_GRID):
+            h = hashes[p]
+            by_slot = marks.get(h)
+            records = by_slot.get(slot) if by_slot else None
+            if records:
+                if records[0] is c:
+                    del records[0]
+                else:
+                    records.remove(c)
+                if not records:
+                    del by_slot[slot]  # type: ignore[union-attr]
+                    if not by_slot:
+                        del marks[h]
+        ends = self._claim_ends.get(hashes[-1])
+        if ends:
+            ends.remove(c)
+            if not ends:
+                del self._claim_ends[hashes[-1]]
+        if c.blocks:
+            left = self._claimed_blocks.get(slot, 0) - c.blocks
+            if left > 0:
+                self._claimed_blocks[slot] = left
+            else:
+                self._claimed_blocks.pop(slot, None)
+            c.blocks = 0
+
+    def _kill_claim(self, c: _Claim) -> None:
+        if c.deadline != _DEAD:
+            self._unlist_claim(c)
+            c.deadline = _DEAD  # the sweep queue drops it when it comes due
+
+    def _confirm_claims(self, slot: int, hashes: Sequence[int]) -> None:
+        """A ``stored`` event holding a claim's last block confirms the claim: the worker now
+        holds the chain (engines store a prompt's blocks in order), so the record goes."""
+        ends = self._claim_ends
+        for h in hashes:
+            claims = ends.get(h)
+            if claims:
+                for c in [c for c in claims if c.slot == slot]:
+                    self._kill_claim(c)
+
+    def _drop_worker_claims(self, slot: int) -> None:
+        for c in self._claim_queue:
+            if c.slot == slot:
+                self._kill_claim(c)
 
     def remove_worker(self, worker_id: str) -> None:
         """Forget a worker that left (scaled down, crashed, unhealthy for too long)."""
         slot = self._slots.pop(worker_id, None)
         if slot is None:
             return
+        if self._claim_queue:
+            self._drop_worker_claims(slot)
         for h in self._blocks.pop(slot):
             self._drop_holder(h, slot)
         del self._slot_ids[slot]
@@ -228,8 +368,6 @@ class PrefixIndex:
         """Longest consecutive-prefix match, in blocks, per worker (device + host). Workers
         with no match are absent (unconfirmed claims count until they expire). Uses the
         prefix-closed search unless ``exact_match``."""
-        if self._claims:
-            self.expire_claims()
         if self.exact_match:
             return self.match_exact(hashes)
         return self.match_closed(hashes)
@@ -253,6 +391,8 @@ class PrefixIndex:
             depth += 1
         if cand:
             self._emit(cand, depth, result)
+        if self._claim_queue:
+            self._add_claimed(hashes, result)
         return result
 
     def match_closed(self, hashes: Sequence[int]) -> dict[str, int]:
@@ -284,7 +424,85 @@ class PrefixIndex:
             self._emit(held, hi, result)
             remaining ^= held
             hi -= 1
+        if self._claim_queue:
+            self._add_claimed(hashes, result)
         return result
+
+    def _add_claimed(self, hashes: Sequence[int], result: dict[str, int]) -> None:
+        """Raise each worker's depth in ``result`` to what its live claims cover. A claim covers
+        the longest common prefix of its chain and the request's, so the claimed marks among
+        the request's grid positions are prefix-closed per worker: bisect them like
+        ``match_closed`` does blocks, then compare hashes past each worker's deepest mark."""
+        now = self.clock()
+        self._sweep_claims(now, _MATCH_SWEEP)
+        marks = self._claim_marks
+        if not marks:
+            return
+        grid = CLAIM_GRID
+        n = len(hashes)
+
+        def live(p: int) -> int:  # worker slots with a live claim listed under hashes[p]
+            bits = 0
+            by_slot = marks.get(hashes[p])
+            if by_slot:
+                for slot, records in by_slot.items():
+                    for c in reversed(records):
+                        if c.deadline > now:
+                            bits |= 1 << slot
+                            break
+            return bits
+
+        remaining = live(0)
+        hi = (n - 1) // grid + 1  # every remaining worker's claims reach at most hi marks
+        ids = self._slot_ids
+        while remaining:
+            held = live((hi - 1) * grid) & remaining
+            if not held:
+                lo = 1
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if live((mid - 1) * grid) & remaining:
+                        lo = mid
+                    else:
+                        hi = mid
+                hi = lo
+                held = live((hi - 1) * grid) & remaining
+            p = (hi - 1) * grid
+            top = min(n, p + grid)  # the next mark is not claimed: depth <= top
+            by_slot = marks[hashes[p]]
+            remaining ^= held
+            hi -= 1
+            while held:
+                low = held & -held
+                held ^= low
+                slot = low.bit_length() - 1
+                worker = ids[slot]
+                # a record only helps if it agrees with the request past what is known
+                best = max(p + 1, result.get(worker, 0))
+                scanned = 0
+                for c in reversed(by_slot[slot]):
+                    if best >= top or scanned == _CLAIM_SCAN:
+                        break
+                    if c.deadline <= now:
+                        continue
+                    scanned += 1
+                    chain = c.hashes
+                    end = min(top, len(chain))
+                    if end <= best or chain[best] != hashes[best]:
+                        continue
+                    if chain[end - 1] == hashes[end - 1]:
+                        best = end
+                        continue
+                    agree, differ = best + 1, end  # the first `agree` blocks agree, not `differ`
+                    while differ - agree > 1:
+                        mid = (agree + differ) // 2
+                        if chain[mid - 1] == hashes[mid - 1]:
+                            agree = mid
+                        else:
+                            differ = mid
+                    best = agree
+                if result.get(worker, 0) < best:
+                    result[worker] = best
 
     def _emit(self, mask: int, depth: int, result: dict[str, int]) -> None:
         ids = self._slot_ids
@@ -304,10 +522,17 @@ class PrefixIndex:
         return n
 
     def worker_blocks(self, worker_id: str) -> int:
+        """Blocks the worker holds plus those its live claims add beyond its held prefix
+        (overlapping claims are counted once each)."""
         slot = self._slots.get(worker_id)
-        return 0 if slot is None else len(self._blocks[slot])
+        if slot is None:
+            return 0
+        if self._claim_queue:
+            self._sweep_claims(self.clock(), len(self._claim_queue))
+        return len(self._blocks[slot]) + self._claimed_blocks.get(slot, 0)
 
     def holds(self, worker_id: str, h: int) -> bool:
+        """Whether a KV event or a recorded route put this block there (claims not included)."""
         slot = self._slots.get(worker_id)
         return slot is not None and h in self._blocks[slot]
 
@@ -320,5 +545,5 @@ class PrefixIndex:
         return len(self._tier)
 
     def __len__(self) -> int:
-        """Distinct blocks held by at least one worker."""
+        """Distinct blocks held by at least one worker (claims not included)."""
         return len(self._holders)

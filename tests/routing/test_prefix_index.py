@@ -159,3 +159,162 @@ def test_both_modes_agree_with_brute_force_on_prefix_closed_histories(exact: boo
             probe = chain[:cut] + [rng.getrandbits(64)]
             assert idx.match(probe) == reference_match(held, probe)
             assert idx.match_exact(probe) == idx.match_closed(probe)
+
+
+# ----------------------------------------------------------------------------- claims
+def lcp(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def clocked(**kw: object) -> tuple[PrefixIndex, list[float]]:
+    now = [0.0]
+    idx = PrefixIndex(**kw)  # type: ignore[arg-type]
+    idx.clock = lambda: now[0]
+    return idx, now
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_claims_agree_with_brute_force(exact: bool) -> None:
+    """Claims, KV events, worker removal and time, against a reference where a live claim
+    covers its whole chain and a worker's depth is the larger of held and claimed. Chains grow
+    from a few roots (shared prefixes) and cross several claim grid marks."""
+    rng = random.Random(5)
+    idx, now = clocked(exact_match=exact)
+    counter = iter(range(1, 10**9))
+    chains = [[next(counter) for _ in range(rng.randint(1, 110))] for _ in range(6)]
+    for _ in range(40):  # branches off the roots: shared prefixes, as chained hashes give
+        base = rng.choice(chains)
+        chains.append(base[: rng.randint(1, len(base))] + [next(counter) for _ in range(rng.randint(1, 60))])
+    depth_of = {h: i for chain in chains for i, h in enumerate(chain)}
+    workers = [f"w{i}" for i in range(6)]
+    held: dict[str, set[int]] = {w: set() for w in workers}
+    claims: list[list] = []  # [worker, chain, deadline, alive]
+
+    def reference(probe: list[int]) -> dict[str, int]:
+        out = {}
+        for w in workers:
+            d = 0
+            while d < len(probe) and probe[d] in held[w]:
+                d += 1
+            for cw, chain, deadline, alive in claims:
+                if alive and cw == w and deadline > now[0]:
+                    d = max(d, lcp(probe, chain))
+            if d:
+                out[w] = d
+        return out
+
+    for step in range(700):
+        w = rng.choice(workers)
+        chain = rng.choice(chains)
+        cut = rng.randint(1, len(chain))
+        op = rng.random()
+        if op < 0.4:
+            ttl = rng.uniform(0.5, 3.0)
+            idx.claim(w, chain[:cut], ttl_s=ttl)
+            if not all(h in held[w] for h in chain[:cut]):  # a fully held chain needs no claim
+                claims.append([w, tuple(chain[:cut]), now[0] + ttl, True])
+        elif op < 0.6:
+            idx.apply_event(w, "stored", "device", chain[:cut])
+            held[w].update(chain[:cut])
+            for c in claims:  # a stored event holding a claim's last block confirms it
+                if c[0] == w and c[1][-1] in held[w] and c[1][-1] in chain[:cut]:
+                    c[3] = False
+        elif op < 0.75:  # evict every block deeper than `cut` (engines keep prefixes)
+            gone = [h for h in held[w] if depth_of[h] >= cut]
+            idx.apply_event(w, "removed", "device", gone)
+            held[w].difference_update(gone)
+        elif op < 0.78:
+            idx.apply_event(w, "cleared", "device", [])
+            held[w].clear()
+            for c in claims:
+                c[3] = c[3] and c[0] != w
+        elif op < 0.8:
+            idx.remove_worker(w)
+            held[w].clear()
+            for c in claims:
+                c[3] = c[3] and c[0] != w
+        else:
+            now[0] += rng.uniform(0.0, 0.6)
+        probe = rng.choice(chains)[: rng.randint(1, 110)] + [next(counter)] * rng.randint(0, 1)
+        assert idx.match(probe) == reference(probe), step
+    idx.expire_claims()
+    live = sum(1 for c in claims if c[3] and c[2] > now[0])
+    assert idx.pending_claims >= live
+
+
+def test_expired_claims_never_count_and_are_swept_in_bounded_batches() -> None:
+    idx, now = clocked()
+    chains = [[i * 1000 + j for j in range(100)] for i in range(50)]
+    for chain in chains:
+        idx.claim("a", chain, ttl_s=1.0)
+    assert idx.match(chains[7][:40]) == {"a": 40}
+    assert idx.worker_blocks("a") == 50 * 100
+    now[0] = 1.5
+    assert idx.match(chains[7]) == {}  # expired: not counted although not swept yet
+    assert 45 <= idx.pending_claims < 50  # each call sweeps only a few records
+    idx.claim("b", chains[0][:10], ttl_s=1.0)
+    assert idx.match(chains[0]) == {"b": 10}
+    assert idx.pending_claims > 40
+    for _ in range(100):  # every match sweeps: the backlog drains without a full pass
+        idx.match([1])
+    assert idx.pending_claims == 1
+    assert idx.worker_blocks("a") == 0 and idx.worker_blocks("b") == 10
+    now[0] = 3.0
+    idx.expire_claims()
+    assert idx.pending_claims == 0
+    assert not idx._claim_marks and not idx._claim_ends  # nothing left behind
+
+
+def test_a_stored_event_confirms_a_claim_and_later_removals_then_count() -> None:
+    idx, now = clocked()
+    chain = list(range(1, 81))
+    idx.claim("a", chain, ttl_s=2.0)
+    idx.claim("b", chain, ttl_s=2.0)
+    idx.apply_event("a", "removed", "device", chain[40:])  # unconfirmed: the claim still holds
+    assert idx.match(chain) == {"a": 80, "b": 80}
+    idx.apply_event("a", "stored", "device", chain)  # confirms a's claim, not b's
+    assert idx.worker_blocks("a") == 80  # held now, not counted twice
+    idx.apply_event("a", "removed", "device", chain[50:])
+    assert idx.match(chain) == {"a": 50, "b": 80}
+    now[0] = 2.5
+    assert idx.match(chain) == {"a": 50}
+    idx.claim("a", chain[:50], ttl_s=2.0)  # a already holds all of it: nothing to claim
+    assert idx.pending_claims <= 2 and idx.worker_blocks("a") == 50
+
+
+def test_claiming_the_same_chain_again_renews_it() -> None:
+    idx, now = clocked()
+    chain = list(range(1, 40))
+    idx.claim("a", chain, ttl_s=2.0)
+    now[0] = 1.5
+    idx.claim("a", chain, ttl_s=2.0)
+    assert idx.pending_claims == 1 and idx.worker_blocks("a") == 39
+    now[0] = 3.0
+    assert idx.match(chain) == {"a": 39}
+    now[0] = 3.6
+    assert idx.match(chain) == {}
+    idx.expire_claims()
+    assert idx.pending_claims == 0 and idx.worker_blocks("a") == 0
+
+
+def test_removing_a_worker_or_clearing_drops_its_claims() -> None:
+    idx, now = clocked()
+    chain = list(range(1, 70))
+    idx.claim("a", chain, ttl_s=2.0)
+    idx.claim("b", chain[:20], ttl_s=2.0)
+    idx.claim("c", chain[:5], ttl_s=2.0)
+    idx.remove_worker("a")
+    assert idx.match(chain) == {"b": 20, "c": 5}
+    idx.apply_event("d", "stored", "device", chain[:3])  # takes a's old slot
+    assert idx.match(chain) == {"b": 20, "c": 5, "d": 3}  # and none of a's claims
+    idx.apply_event("b", "cleared", "host", [])
+    assert idx.match(chain) == {"c": 5, "d": 3}
+    assert idx.worker_blocks("b") == 0
+    now[0] = 5.0
+    idx.expire_claims()
+    assert idx.pending_claims == 0 and not idx._claim_marks
