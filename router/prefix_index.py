@@ -24,8 +24,7 @@ while this prefill runs already sees the match. A claim is one record (worker, t
 chain from block 0, deadline), not one index entry per block: the claim path runs on every
 routing decision, and per-block dict writes into a large index cost ~0.2 us each (a 320-block
 claim plus its expiry ~100 us). ``match`` finds claims through *grid marks*: the record is
-listed under every ``CLAIM_GRID``-th hash of its chain (``_claim_marks``: hash -> slot ->
-records). Chained hashes make a claim's coverage of a request the longest common prefix of the
+listed under every ``CLAIM_GRID``-th hash of its chain (``_claim_marks``: hash -> records). Chained hashes make a claim's coverage of a request the longest common prefix of the
 two chains, so a bisection over the request's grid positions finds each worker's deepest
 claimed mark and a few hash comparisons against that mark's records give the exact depth; a
 worker's match is the larger of its held and its claimed depth. Records carry their deadline,
@@ -55,7 +54,7 @@ CLAIM_GRID = 32  # a claim record is listed under every 32nd hash of its chain
 # still drains records three times as fast as one claim per decision adds them.
 _CLAIM_SWEEP = 2
 _MATCH_SWEEP = 1
-_CLAIM_SCAN = 32  # newest live records compared per (mark, worker) when refining a claimed depth
+_CLAIM_SCAN = 64  # newest live records compared per mark when refining claimed depths
 _DEAD = float("-inf")  # the deadline of a confirmed or dropped claim
 
 
@@ -93,7 +92,7 @@ class PrefixIndex:
         self._free_slots: list[int] = []
         self._blocks: dict[int, OrderedDict[int, int]] = {}
         self._tier: OrderedDict[int, None] = OrderedDict()
-        self._claim_marks: dict[int, dict[int, list[_Claim]]] = {}
+        self._claim_marks: dict[int, list[_Claim]] = {}
         self._claim_ends: dict[int, list[_Claim]] = {}  # a chain's last hash -> its claims
         self._claim_queue: deque[_Claim] = deque()  # in deadline order (one TTL per policy)
         self._claimed_blocks: dict[int, int] = {}  # slot -> claimed blocks beyond its held prefix
@@ -235,16 +234,11 @@ class PrefixIndex:
         c = _Claim(deadline, slot, tuple(hashes), n - held)
         marks = self._claim_marks
         for p in range(0, n, CLAIM_GRID):
-            h = hashes[p]
-            by_slot = marks.get(h)
-            if by_slot is None:
-                marks[h] = {slot: [c]}
+            records = marks.get(hashes[p])
+            if records is None:
+                marks[hashes[p]] = [c]
             else:
-                records = by_slot.get(slot)
-                if records is None:
-                    by_slot[slot] = [c]
-                else:
-                    records.append(c)
+                records.append(c)
         if ends is None:
             self._claim_ends[last] = [c]
         else:
@@ -253,24 +247,27 @@ class PrefixIndex:
         self._claim_queue.append(c)
 
     def _held_depth(self, slot: int, hashes: Sequence[int]) -> int:
-        """How many leading ``hashes`` the worker holds (bisection under prefix closure)."""
-        blocks = self._blocks[slot]
+        """How many leading ``hashes`` the worker holds (bisection under prefix closure). It
+        probes ``_holders``, whose entries for this request the decision's ``match`` just
+        brought into the CPU cache, rather than the worker's own block map."""
+        get = self._holders.get
+        bit = 1 << slot
         if self.exact_match:
             depth = 0
             for h in hashes:
-                if h not in blocks:
+                if not get(h, 0) & bit:
                     break
                 depth += 1
             return depth
         n = len(hashes)
-        if hashes[0] not in blocks:
+        if not get(hashes[0], 0) & bit:
             return 0
-        if hashes[n - 1] in blocks:
+        if get(hashes[n - 1], 0) & bit:
             return n
         lo, hi = 1, n  # it holds the first lo blocks and not the first hi
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if hashes[mid - 1] in blocks:
+            if get(hashes[mid - 1], 0) & bit:
                 lo = mid
             else:
                 hi = mid
@@ -303,32 +300,27 @@ class PrefixIndex:
 
     def _unlist_claim(self, c: _Claim) -> None:
         """Take a record out of the marks and the chain ends, and out of ``worker_blocks``."""
-        slot, hashes = c.slot, c.hashes
+        hashes = c.hashes
         marks = self._claim_marks
         for p in range(0, len(hashes), CLAIM_GRID):
-            h = hashes[p]
-            by_slot = marks.get(h)
-            records = by_slot.get(slot) if by_slot else None
-            if records:
-                if records[0] is c:
-                    del records[0]
-                else:
-                    records.remove(c)
-                if not records:
-                    del by_slot[slot]  # type: ignore[union-attr]
-                    if not by_slot:
-                        del marks[h]
+            records = marks[hashes[p]]
+            if len(records) == 1:
+                del marks[hashes[p]]
+            elif records[0] is c:
+                del records[0]
+            else:
+                records.remove(c)
         ends = self._claim_ends.get(hashes[-1])
         if ends:
             ends.remove(c)
             if not ends:
                 del self._claim_ends[hashes[-1]]
         if c.blocks:
-            left = self._claimed_blocks.get(slot, 0) - c.blocks
+            left = self._claimed_blocks.get(c.slot, 0) - c.blocks
             if left > 0:
-                self._claimed_blocks[slot] = left
+                self._claimed_blocks[c.slot] = left
             else:
-                self._claimed_blocks.pop(slot, None)
+                self._claimed_blocks.pop(c.slot, None)
             c.blocks = 0
 
     def _kill_claim(self, c: _Claim) -> None:
@@ -443,13 +435,9 @@ class PrefixIndex:
 
         def live(p: int) -> int:  # worker slots with a live claim listed under hashes[p]
             bits = 0
-            by_slot = marks.get(hashes[p])
-            if by_slot:
-                for slot, records in by_slot.items():
-                    for c in reversed(records):
-                        if c.deadline > now:
-                            bits |= 1 << slot
-                            break
+            for c in marks.get(hashes[p], ()):
+                if c.deadline > now:
+                    bits |= 1 << c.slot
             return bits
 
         remaining = live(0)
@@ -469,40 +457,42 @@ class PrefixIndex:
                 held = live((hi - 1) * grid) & remaining
             p = (hi - 1) * grid
             top = min(n, p + grid)  # the next mark is not claimed: depth <= top
-            by_slot = marks[hashes[p]]
             remaining ^= held
             hi -= 1
+            # a record only helps a worker if it agrees with the request past what is known
+            best: dict[int, int] = {}
             while held:
                 low = held & -held
                 held ^= low
                 slot = low.bit_length() - 1
+                best[slot] = max(p + 1, result.get(ids[slot], 0))
+            scanned = 0
+            for c in reversed(marks[hashes[p]]):
+                depth = best.get(c.slot)
+                if depth is None or c.deadline <= now:
+                    continue
+                scanned += 1
+                if scanned > _CLAIM_SCAN:
+                    break
+                chain = c.hashes
+                end = min(top, len(chain))
+                if end <= depth or chain[depth] != hashes[depth]:
+                    continue
+                if chain[end - 1] == hashes[end - 1]:
+                    best[c.slot] = end
+                    continue
+                agree, differ = depth + 1, end  # the first `agree` blocks agree, not `differ`
+                while differ - agree > 1:
+                    mid = (agree + differ) // 2
+                    if chain[mid - 1] == hashes[mid - 1]:
+                        agree = mid
+                    else:
+                        differ = mid
+                best[c.slot] = agree
+            for slot, depth in best.items():
                 worker = ids[slot]
-                # a record only helps if it agrees with the request past what is known
-                best = max(p + 1, result.get(worker, 0))
-                scanned = 0
-                for c in reversed(by_slot[slot]):
-                    if best >= top or scanned == _CLAIM_SCAN:
-                        break
-                    if c.deadline <= now:
-                        continue
-                    scanned += 1
-                    chain = c.hashes
-                    end = min(top, len(chain))
-                    if end <= best or chain[best] != hashes[best]:
-                        continue
-                    if chain[end - 1] == hashes[end - 1]:
-                        best = end
-                        continue
-                    agree, differ = best + 1, end  # the first `agree` blocks agree, not `differ`
-                    while differ - agree > 1:
-                        mid = (agree + differ) // 2
-                        if chain[mid - 1] == hashes[mid - 1]:
-                            agree = mid
-                        else:
-                            differ = mid
-                    best = agree
-                if result.get(worker, 0) < best:
-                    result[worker] = best
+                if result.get(worker, 0) < depth:
+                    result[worker] = depth
 
     def _emit(self, mask: int, depth: int, result: dict[str, int]) -> None:
         ids = self._slot_ids
