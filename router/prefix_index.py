@@ -20,20 +20,28 @@ how many workers exist:
 Exact mode is fed by the workers' KV events (``apply_event``). ``claim`` runs ahead of them:
 a routing decision marks the request's chain as held by the chosen worker for ``ttl_s``
 (llm-d pre-inserts routed prefixes for about 2 s) so the next turn of a conversation arriving
-while this prefill runs already sees the match. A claim is one record (worker, the request's
-chain from block 0, deadline), not one index entry per block: the claim path runs on every
-routing decision, and per-block dict writes into a large index cost ~0.2 us each (a 320-block
-claim plus its expiry ~100 us). ``match`` finds claims through *grid marks*: the record is
-listed under every ``CLAIM_GRID``-th hash of its chain (``_claim_marks``: hash -> records). Chained hashes make a claim's coverage of a request the longest common prefix of the
-two chains, so a bisection over the request's grid positions finds each worker's deepest
-claimed mark and a few hash comparisons against that mark's records give the exact depth; a
-worker's match is the larger of its held and its claimed depth. Records carry their deadline,
-so an expired claim never counts, while its marks are swept in bounded batches (a few records
-per call). A ``stored`` event holding a claim's last block confirms it (the blocks are now
-held), ``cleared`` and ``remove_worker`` drop the worker's claims, ``removed`` leaves claims
-alone (the routed request will hold its blocks while it runs). Approximate mode (events off)
-calls ``record_route`` on each routing decision: the chosen worker will hold the request's
-blocks soon, and the per-worker LRU bound plays the part of the worker's own eviction.
+while this prefill runs already sees the match. It runs on every decision, so a claim is one
+record (worker, the request's whole chain, deadline) rather than an entry per block: per-block
+writes into a million-entry index cost ~0.2 us each, ~100 us for a 320-block claim and its
+expiry. Claims live beside the held blocks:
+
+* ``_claim_marks``: the hash at every ``CLAIM_GRID``-th position of a claimed chain -> the
+  records listed there. With chained hashes a claim covers a request up to the two chains'
+  longest common prefix, so ``match`` bisects the request's grid positions for each worker's
+  deepest claimed mark, then compares hashes against that mark's records (at most
+  ``_CLAIM_SCAN`` live ones: past that a depth can be understated by < ``CLAIM_GRID``, never
+  overstated). A worker's match is the larger of its held and its claimed depth.
+* ``_claim_queue``: records in deadline order. Every record carries its deadline, so an
+  expired claim never counts; ``claim`` and ``match`` unlist a few expired records per call
+  (bounded work per decision, draining faster than one claim per decision fills it).
+* ``_claim_ends``: a chain's last hash -> its records. A ``stored`` event holding a claim's
+  last block confirms it (engines store a prompt in order: the chain is now held) and drops the
+  record. ``cleared`` and ``remove_worker`` drop the worker's claims; ``removed`` leaves them
+  (the routed request will hold its blocks while it runs).
+
+Approximate mode (events off) calls ``record_route`` on each routing decision: the chosen
+worker will hold the request's blocks soon, and the per-worker LRU bound plays the part of the
+worker's own eviction.
 """
 
 from __future__ import annotations
@@ -367,7 +375,8 @@ class PrefixIndex:
     def match_exact(self, hashes: Sequence[int]) -> dict[str, int]:
         """Walk every block, ANDing bitsets until no candidate is left: exact even when a
         worker has holes in a chain, but one dict probe per matched block (memory-bound:
-        ~0.1-0.3 us each for a million-entry index)."""
+        ~0.1-0.3 us each for a million-entry index). Live claims raise a worker's depth to
+        what they cover, as in ``match_closed``."""
         result: dict[str, int] = {}
         n = len(hashes)
         if n == 0:
@@ -512,8 +521,8 @@ class PrefixIndex:
         return n
 
     def worker_blocks(self, worker_id: str) -> int:
-        """Blocks the worker holds plus those its live claims add beyond its held prefix
-        (overlapping claims are counted once each)."""
+        """Blocks the worker holds plus, per live claim, the claimed blocks beyond what it held
+        when the claim was made (two claims sharing blocks both count them)."""
         slot = self._slots.get(worker_id)
         if slot is None:
             return 0
