@@ -318,3 +318,17 @@ def test_removing_a_worker_or_clearing_drops_its_claims() -> None:
     now[0] = 5.0
     idx.expire_claims()
     assert idx.pending_claims == 0 and not idx._claim_marks
+
+
+def test_many_claims_under_one_mark_are_never_overstated() -> None:
+    """A hot prefix: 200 live claims of one worker share their first blocks. The newest are
+    compared exactly; past the scan limit a depth may be understated, never overstated."""
+    idx, _ = clocked()
+    shared = [1, 2, 3]
+    chains = [shared + [1000 * i + j for j in range(1, 20)] for i in range(200)]
+    for chain in chains:
+        idx.claim("a", chain, ttl_s=2.0)
+    assert idx.match(chains[-1] + [5]) == {"a": 22}
+    for chain in (chains[0], chains[100]):
+        assert 3 <= idx.match(chain)["a"] <= 22
+    assert idx.match(shared + [7]) == {"a": 3}
