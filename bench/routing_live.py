@@ -52,6 +52,8 @@ from tusk.router.sim.profile import load_profile
 from tusk.router.sim.trace import TraceRequest, load_trace
 from tusk.router.workload import trace_items
 
+from tusk.config import AdmissionConfig
+
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
 TUSK_SYSTEMS = ("round_robin", "cost", "sglang_cache_aware", "llmd_sticky", "llmd_weighted", "dynamo_cost")
 PEERS = {
@@ -63,11 +65,33 @@ VARIANTS = {
     "cost_never_split": ("cost", {"disaggregation_threshold_tokens": 1 << 30}),
     "cost_always_split": ("cost", {"disaggregation_threshold_tokens": 0}),
 }
-SYSTEMS = (*TUSK_SYSTEMS, *PEERS, *VARIANTS)
+# cost as it ships queues at the router (tusk.router.admission); cost_fcfs is the same policy
+# with that queue off, so the table shows what each part is worth. The peer profiles run as
+# their projects ship them: none of them orders requests at the router.
+FCFS = ("cost_fcfs",)
+SYSTEMS = (*TUSK_SYSTEMS, *FCFS, *PEERS, *VARIANTS)
 
 
 def policy_of(system: str) -> tuple[str, dict[str, Any]]:
+    if system in FCFS:
+        return "cost", {}
     return VARIANTS.get(system, (system, {}))
+
+
+def admission_of(system: str) -> dict[str, Any]:
+    """The router's admission settings for a system: tusk's defaults for cost, off otherwise."""
+    if policy_of(system)[0] == "cost" and system not in FCFS:
+        return AdmissionConfig().model_dump()
+    return AdmissionConfig(backlog_s=0).model_dump()
+
+
+def sim_admission(system: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The same queue in the simulator's clock: it runs in emulated seconds, the live router's
+    queue ages requests by wall seconds (``time_scale`` emulated seconds each)."""
+    adm = admission_of(system)
+    if not adm["backlog_s"]:
+        return None
+    return adm | {"aging": adm["aging"] / args.time_scale}
 
 
 POLL_S = 0.5  # the tusk router's load poll (wall seconds)
@@ -158,7 +182,12 @@ def start_front(system: str, emu: dict[str, Any], args: argparse.Namespace, logd
                 }
             ],
             # the engine's chunk size and prior prefill rate, as the simulator gives its policies
-            "routing": {"policy": policy, "kv_events": True, "settings": engine_settings(args) | extra},
+            "routing": {
+                "policy": policy,
+                "kv_events": True,
+                "settings": engine_settings(args) | extra,
+                "admission": admission_of(system),
+            },
             "max_queue": 100_000,
         }
         argv = [
@@ -280,6 +309,7 @@ def simulate(
         poll_interval_s=POLL_S * args.time_scale,
         ttft_slo_s=args.ttft_slo,
         itl_slo_s=args.itl_slo,
+        admission=sim_admission(system, args),
     )
     return Simulator(trace, config, profile).run()
 
@@ -376,7 +406,14 @@ def main(argv: list[str] | None = None) -> int:
                 result = {"failed": str(exc)}
             if system not in PEERS:
                 sim = simulate(trace, system, scale, args, profile)
-                keys = ("ttft_p50_s", "ttft_p90_s", "hit_rate", "completed", "disaggregated_fraction")
+                keys = (
+                    "ttft_p50_s",
+                    "ttft_p90_s",
+                    "ttft_p99_s",
+                    "hit_rate",
+                    "completed",
+                    "disaggregated_fraction",
+                )
                 result["sim"] = {k: sim[k] for k in keys}
             systems[system] = result
             shown = {k: v for k, v in result.items() if k not in ("error_kinds",)}
@@ -406,7 +443,8 @@ def print_table(loads: list[dict[str, Any]]) -> None:
     for entry in loads:
         print(f"\nload factor {entry['load_factor']} (load scale {entry['load_scale']:.3f})")
         print(
-            f"{'system':<20}{'p50 TTFT':>10}{'p90 TTFT':>10}{'hit rate':>10}{'errors':>8}   sim p50 / p90 / hit"
+            f"{'system':<20}{'p50 TTFT':>10}{'p90 TTFT':>10}{'p99 TTFT':>10}{'hit rate':>10}{'errors':>8}"
+            "   sim p50 / p90 / p99 / hit"
         )
         for name, r in entry["systems"].items():
             if "p90_ttft_s" not in r:
@@ -414,10 +452,13 @@ def print_table(loads: list[dict[str, Any]]) -> None:
                 continue
             sim = r.get("sim")
             tail = (
-                f"   {sim['ttft_p50_s']:.3f} / {sim['ttft_p90_s']:.3f} / {sim['hit_rate']:.3f}" if sim else ""
+                f"   {sim['ttft_p50_s']:.3f} / {sim['ttft_p90_s']:.3f} / {sim['ttft_p99_s']:.3f} / {sim['hit_rate']:.3f}"
+                if sim
+                else ""
             )
             print(
-                f"{name:<20}{r['p50_ttft_s']:>10.3f}{r['p90_ttft_s']:>10.3f}{r['hit_rate']:>10.3f}{r['errors']:>8}{tail}"
+                f"{name:<20}{r['p50_ttft_s']:>10.3f}{r['p90_ttft_s']:>10.3f}{r['p99_ttft_s']:>10.3f}"
+                f"{r['hit_rate']:>10.3f}{r['errors']:>8}{tail}"
             )
 
 

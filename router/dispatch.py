@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
-from tusk.router.errors import bad_request, no_worker, timed_out, worker_failed
+from tusk.router.admission import QueueFull
+from tusk.router.errors import bad_request, no_worker, overloaded, timed_out, worker_failed
 from tusk.router.failures import MAX_ATTEMPTS, MAX_SUSPECT, Failure, classify, is_request_error
 from tusk.router.load_account import LoadTicket, open_ticket
 from tusk.router.policies.base import (
@@ -78,13 +79,37 @@ class Generation:
     _excluded: set[str] = field(default_factory=set)
     _ok: bool = False
     _ticket: LoadTicket | None = None  # what this request charged to the router's load account
+    _released: bool = False  # came out of the admission queue and has not routed yet
 
     # -- routing -------------------------------------------------------------------------------
 
     def _candidates(self) -> list[WorkerState]:
         return [w for w in self.runtime.ready_states() if w.address not in self._excluded]
 
+    async def _admit(self) -> None:
+        """Wait in the model's admission queue while every worker is busy (see admission.py)."""
+        gate = self.runtime.admission
+        if not gate.queue.enabled:
+            return
+        req = self.req
+        work = gate.queue.work_s(self.runtime.index, req.block_hashes, len(req.prompt_ids), self.runtime.block_size)
+        try:
+            self._released = await gate.enter(work, self._remaining())
+        except QueueFull:
+            self.runtime.metrics.rejected.labels("queue_full").inc()
+            raise overloaded() from None
+        except TimeoutError:
+            raise timed_out(req.timeout_s) from None
+
     def _route(self) -> RoutingDecision:
+        try:
+            return self._route_now()
+        finally:
+            if self._released:  # routed (or failed to): the next waiting request may go
+                self._released = False
+                self.runtime.admission.routed()
+
+    def _route_now(self) -> RoutingDecision:
         req = self.req
         workers = self._candidates()
         if not workers:
@@ -168,6 +193,7 @@ class Generation:
         first_token: int | None = None
         decode: WorkerState | None = None
         self.attempts = 1  # tries started; each failure starts the next one
+        await self._admit()
         while first_token is None:
             decision = self._route()
             self.decision = decision

@@ -12,7 +12,9 @@ What policies see (``WorkerState``), after every routing event and every report:
 
     queued_prefill_tokens = external_prefill + own uncached prompt tokens not yet prefilled
     running_requests      = external_running + own requests decoding
-    free_blocks           = total - external_used - own blocks held
+    free_blocks           = total - external_used - own blocks held   (floored at 0)
+    kv_overcommit_blocks  = what that floor cut off: blocks of requests that must wait for
+                            running ones to finish before they can start
 
 The simulator (``tusk.router.sim``) drives the very same objects with the same poll interval,
 so the information the policies get there is what they get live.
@@ -24,6 +26,7 @@ can always call ``done()``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tusk.router.policies.base import RoutingDecision, WorkerState
@@ -55,10 +58,13 @@ class WorkerLoad:
         "ext_running",
         "ext_used_blocks",
         "reported",
+        "on_change",
     )
 
-    def __init__(self, state: WorkerState) -> None:
+    def __init__(self, state: WorkerState, on_change: Callable[[], None] | None = None) -> None:
         self.state = state
+        # called after every change of load (the live router's admission gate listens)
+        self.on_change = on_change
         self.own_prefill_tokens = 0
         self.own_prefills = 0
         self.own_decoding = 0
@@ -86,7 +92,11 @@ class WorkerLoad:
         s.queued_prefill_tokens = self.ext_prefill_tokens + self.own_prefill_tokens
         s.running_requests = self.ext_running + self.own_decoding
         if s.total_blocks:
-            s.free_blocks = max(0, s.total_blocks - self.ext_used_blocks - self.own_blocks)
+            free = s.total_blocks - self.ext_used_blocks - self.own_blocks
+            s.free_blocks = max(0, free)
+            s.kv_overcommit_blocks = max(0, -free)
+        if self.on_change is not None:
+            self.on_change()
 
     def charge(self, prefill_tokens: int, prefill: bool, blocks: int) -> None:
         self.own_prefill_tokens += prefill_tokens

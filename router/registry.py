@@ -11,6 +11,7 @@ import asyncio
 import logging
 from typing import Any
 
+from tusk.router.admission import AdmissionGate, AdmissionQueue
 from tusk.router.errors import APIError, bad_request, model_not_found
 from tusk.router.metrics import RouterMetrics
 from tusk.router.policies.base import Policy, WorkerState
@@ -74,6 +75,16 @@ class ModelRuntime:
         self._closing: set[asyncio.Task[None]] = set()
         self.http = None  # HttpRoutes when OpenAI HTTP servers (vLLM, SGLang) serve this model
         self.default_policy = self.policy(routing.policy)
+        # requests wait here while every worker is busy (tusk.router.admission); per model
+        self.admission = AdmissionGate(
+            AdmissionQueue.from_config(
+                routing.admission,
+                default_prefill_tokens_per_s=float(
+                    routing.settings.get("default_prefill_tokens_per_s", 10_000.0)
+                ),
+            ),
+            self.ready_states,
+        )
 
     def policy(self, name: str | None) -> Policy:
         """The model's policy object by name, created once so its state (counters, learned
@@ -102,6 +113,8 @@ class ModelRuntime:
         self.routing = routing
         self._policies = {routing.policy: policy}
         self.default_policy = policy
+        self.admission.queue.configure(routing.admission)
+        self.admission.pump()
         log.info("routing changed", extra={"model": self.key, "policy": routing.policy})
 
     def ready_states(self) -> list[WorkerState]:
@@ -134,6 +147,7 @@ class ModelRuntime:
             expect_model=self.expect_model,
             expect_block_size=self.block_size if self.expect_model is not None else None,
         )
+        client.load.on_change = self.admission.pump
         self.clients[address] = client
         client.start()
         log.info("worker added", extra={"model": self.name, "worker": address, "role": str(role)})

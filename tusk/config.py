@@ -95,6 +95,21 @@ class WorkerEndpoint(_Strict):
     kv_events_replay: str | None = Field(None, description="http backends: ZMQ ROUTER replay endpoint")
 
 
+class AdmissionConfig(_Strict):
+    """The router's per-model admission queue (``tusk.router.admission``): requests wait at the
+    router while every worker has more than ``backlog_s`` of prefill queued, and the one with
+    the least prefill work left goes first, each second of waiting counting ``aging`` seconds
+    of work."""
+
+    backlog_s: float = Field(
+        0.2, ge=0, le=3600, description="hold requests while every worker has this much prefill queued (0: off)"
+    )
+    aging: float = Field(
+        0.05, gt=0, le=1000, description="seconds of work a request's rank gains per second it waits"
+    )
+    max_waiting: int = Field(4096, ge=1, le=1_000_000, description="more waiting requests get HTTP 429")
+
+
 class RoutingConfig(_Strict):
     policy: str = "cost"
     disaggregation_threshold_tokens: int | None = Field(
@@ -105,6 +120,7 @@ class RoutingConfig(_Strict):
         default_factory=dict, description="policy settings (tusk.router.policies.SETTING_NAMES)"
     )
     allow_policy_header: bool = Field(False, description="let clients pick a policy with x-tusk-policy")
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
 
     @model_validator(mode="after")
     def _known_policy_and_settings(self) -> RoutingConfig:

@@ -59,6 +59,16 @@ def default_tokenizer_dir() -> Path:
     return folder
 
 
+def context_error(prompt_tokens: int, max_tokens: int, max_model_len: int) -> str | None:
+    """vLLM's refusal of a request longer than the context, or None when it fits."""
+    if prompt_tokens + max_tokens <= max_model_len:
+        return None
+    return (
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion)."
+    )
+
+
 class EmulatedService(rpc.WorkerServicer):
     """The worker gRPC protocol over one ``EmulatedEngine``."""
 
@@ -116,12 +126,14 @@ class EmulatedService(rpc.WorkerServicer):
             self._subscribers.remove(entry)
 
     # -- requests --------------------------------------------------------------------------
-    @staticmethod
-    async def _check(request: Any, context: Any) -> None:
+    async def _check(self, request: Any, context: Any) -> None:
         if not request.prompt_token_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
         if request.sampling.max_tokens <= 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens must be > 0")
+        too_long = context_error(len(request.prompt_token_ids), request.sampling.max_tokens, self.max_model_len)
+        if too_long:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_long)
 
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateResponse]:
         await self._check(request, context)
@@ -274,6 +286,9 @@ def build_http_app(by_port: dict[int, EmulatedService], tokenizer: Any, model: s
         if not isinstance(max_tokens, int) or max_tokens < 1:
             return error(400, "max_tokens must be a positive integer")
         svc = service_of(request)
+        too_long = context_error(len(ids), max_tokens, svc.max_model_len)
+        if too_long:
+            return error(400, too_long)
         engine = svc.engine
         rid = f"cmpl-{uuid.uuid4().hex[:16]}"
         live = engine.submit(rid, ids, max_tokens)
@@ -411,7 +426,8 @@ class Emulator:
                 index=i,
             )
             engine.start(loop)
-            service = EmulatedService(engine, a.model_name, files, a.max_model_len, token)
+            limit = min(a.max_model_len or (1 << 62), profile.max_model_len(a.block_size))
+            service = EmulatedService(engine, a.model_name, files, limit, token)
             server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
             rpc.add_WorkerServicer_to_server(service, server)
             port = server.add_insecure_port(f"{a.host}:0")
@@ -481,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-scale", type=int, default=1, help="one prompt token stands for this many")
     p.add_argument("--block-size", type=int, default=64, help="KV block size in tokens (the router's)")
     p.add_argument("--model-name", default="emulated")
-    p.add_argument("--max-model-len", type=int, default=1 << 20)
+    p.add_argument(
+        "--max-model-len", type=int, default=0, help="prompt + max_tokens limit (default: the KV capacity)"
+    )
     p.add_argument("--tokenizer", help="folder with tokenizer.json (default: cl100k, built once)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--stream-interval", type=float, default=0.05, help="wall seconds between token batches")
@@ -495,6 +513,8 @@ def validate(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         p.error("--prefill needs --decode >= 1")
     if not 1 <= total <= 512:
         p.error(f"1..512 workers, got {total}")
+    if args.max_model_len < 0:
+        p.error("--max-model-len must be >= 0 (0: the KV capacity)")
     if not args.time_scale > 0 or args.token_scale < 1 or args.block_size < 1 or args.stream_interval <= 0:
         p.error("--time-scale and --stream-interval must be > 0, --token-scale and --block-size >= 1")
 

@@ -32,6 +32,9 @@ class WorkerState:
     queued_prefill_tokens: int = 0
     free_blocks: int = 0
     total_blocks: int = 0
+    # KV blocks of requests sent there beyond what its cache can hold now: they wait for running
+    # requests to finish before they can start (from the router's load account; 0 when unknown)
+    kv_overcommit_blocks: int = 0
     prefill_tokens_per_s: float = 0.0
     decode_step_s: float = 0.0
 

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from tusk.router.admission import AdmissionQueue
 from tusk.router.load_account import WorkerLoad, open_ticket
 from tusk.router.policies import NoWorkerAvailable, make_policy
 from tusk.router.policies.base import RequestOutcome, RoutingRequest, WorkerState
@@ -28,7 +29,7 @@ from tusk.router.sim.worker import Job, SimWorker
 
 from tusk.config import Role
 
-_ARRIVAL, _WORKER, _HANDOFF, _POLL = 0, 1, 2, 3
+_ARRIVAL, _WORKER, _HANDOFF, _POLL, _ADMIT = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -47,6 +48,8 @@ class SimConfig:
     policy_settings: dict[str, Any] | None = None
     # how often the router sees load reports (simulated seconds); 0 = exact at every arrival
     poll_interval_s: float = 0.5
+    # the router's admission queue (tusk.router.admission): its settings; None = off
+    admission: dict[str, Any] | None = None
 
     def validate(self) -> None:
         if self.prefill_workers or self.decode_workers:
@@ -80,6 +83,7 @@ class Simulator:
         else:
             roles = [Role.BOTH] * config.workers
         cap = self.profile.capacity_blocks(bs)
+        self.max_model_len = self.profile.max_model_len(bs)
         self.index = PrefixIndex(
             max_blocks_per_worker=cap if not config.kv_events else 2 * cap,
             max_tier_blocks=max(1, config.tier_blocks),
@@ -109,6 +113,16 @@ class Simulator:
         self.decision_s: list[float] = []
         self.rejected = 0
         self.disaggregated = 0
+        self._admit_pending = False
+        self.admission = (
+            AdmissionQueue(
+                default_prefill_tokens_per_s=self.profile.prefill_tokens_per_s,
+                clock=lambda: self.now,
+                **config.admission,
+            )
+            if config.admission
+            else None
+        )
 
     # ------------------------------------------------------------------ plumbing for workers
     def _push(self, t: float, kind: int, a: int, b: int = 0) -> None:
@@ -162,10 +176,38 @@ class Simulator:
         """Every worker's LoadReport reaches the router's account (GetLoad, live)."""
         for w, state in zip(self.workers, self.states, strict=True):
             self.loads[state.worker_id].apply_report(w.report(now))
+        self._admit_waiting(now)
 
     def _arrive(self, job: Job, now: float) -> None:
+        if job.req.input_tokens + job.req.output_tokens > self.max_model_len:
+            self.rejected += 1  # refused up front, as the emulator and real engines do
+            return
         if not self.config.poll_interval_s:
             self._poll(now)
+        queue = self.admission
+        if queue is not None:
+            req = job.req
+            work = queue.work_s(self.index, req.block_hashes, req.input_tokens, self.config.block_size)
+            if queue.offer(job, work, self.states) is not None:
+                return  # held at the router; ``_admit_waiting`` routes it when a worker has room
+        self._route(job, now)
+
+    def _wake_admission(self, now: float) -> None:
+        """Load went down: let held requests in once the current event is done (not from inside
+        a worker's own ``advance``)."""
+        if self.admission is not None and len(self.admission) and not self._admit_pending:
+            self._admit_pending = True
+            self._push(now, _ADMIT, 0)
+
+    def _admit_waiting(self, now: float) -> None:
+        """Route held requests while a worker has room (after every change of load)."""
+        queue = self.admission
+        if queue is None or not len(queue):
+            return
+        while (job := queue.pop_next(self.states)) is not None:
+            self._route(job, now)
+
+    def _route(self, job: Job, now: float) -> None:
         req = job.req
         rr = RoutingRequest(
             request_id=str(job.idx),
@@ -214,6 +256,7 @@ class Simulator:
         self._tier_store(job.req.block_hashes)
         assert job.decision is not None
         job.ticket.first_token()
+        self._wake_admission(now)
         if job.decision.prefill is None:
             worker.admit_decode(job, now)
             return
@@ -280,6 +323,9 @@ class Simulator:
                     self._push(now + poll, _POLL, 0)
             elif kind == _ARRIVAL:
                 self._arrive(self.jobs[a], now)
+            elif kind == _ADMIT:
+                self._admit_pending = False
+                self._admit_waiting(now)
             elif kind == _WORKER:
                 w = workers[a]
                 if b == w.version:

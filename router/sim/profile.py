@@ -133,6 +133,13 @@ class WorkerProfile:
     def capacity_blocks(self, block_size: int) -> int:
         return max(1, self.kv_capacity_tokens // block_size)
 
+    def max_model_len(self, block_size: int) -> int:
+        """The longest request (prompt + max_tokens) a worker can ever hold: its whole KV
+        cache. A real engine refuses longer ones up front (vLLM caps ``max_model_len`` to what
+        its KV cache holds and answers 400 "maximum context length"); the emulator and the
+        simulator refuse them too, instead of parking them until the worker is idle."""
+        return self.capacity_blocks(block_size) * block_size
+
     def tier_fetch_s_per_block(self, block_size: int) -> float:
         return block_size * self.kv_bytes_per_token / self.tier_bytes_per_s
 

@@ -24,7 +24,7 @@ from tusk.router.sim.trace import load_trace
 from tusk.router.workload import trace_items
 
 from tusk import emulate
-from tusk.config import Role
+from tusk.config import AdmissionConfig, Role
 from tusk.protocol import pb, rpc
 
 TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "mooncake_synthetic_tail400.jsonl"
@@ -157,8 +157,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_simulator_agrees_with_live_replay_through_the_router() -> None:
-    """Same slice, same profile, same policy, same 0.5 s load polls: the simulator and the real
-    router process in front of emulated workers agree within 15% on p50/p90 TTFT and hit rate.
+    """Same slice, same profile, same policy, same 0.5 s load polls, same admission queue: the
+    simulator and the real router process in front of emulated workers agree within 15% on p50/p90 TTFT and hit rate.
     A 16x token scale keeps tokenization cheap; the load keeps TTFTs at seconds, far above the
     host's per-request overhead (tens of ms even on a busy 2-core machine)."""
     k, bs, workers, load = 16, 4, 2, 0.5
@@ -170,7 +170,14 @@ def test_simulator_agrees_with_live_replay_through_the_router() -> None:
     }
     sim = Simulator(
         trace,
-        SimConfig(policy="cost", workers=workers, load_scale=load, block_size=bs, policy_settings=settings),
+        SimConfig(
+            policy="cost",
+            workers=workers,
+            load_scale=load,
+            block_size=bs,
+            policy_settings=settings,
+            admission=AdmissionConfig().model_dump(),  # the router's default: its queue is on
+        ),
         profile,
     ).run()
     tusk = [sys.executable, "-m", "tusk"]

@@ -110,7 +110,10 @@ def test_small_kv_capacity_evicts_and_reports_it(trace: list) -> None:
     tiny = WorkerProfile(kv_capacity_tokens=64 * 500)
     sim = Simulator(trace, SimConfig(policy="cost", workers=2), tiny)
     m = sim.run()
-    assert m["completed"] == N
+    # a request longer than the whole KV cache is refused up front (as engines answer 400)
+    too_long = sum(r.input_tokens + r.output_tokens > 64 * 500 for r in trace)
+    assert too_long and m["rejected"] == too_long
+    assert m["completed"] == N - too_long
     assert all(len(w.cache) <= w.capacity for w in sim.workers)
     assert all(sim.index.worker_blocks(w.worker_id) <= len(w.cache) for w in sim.workers)
 
