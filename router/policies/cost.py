@@ -223,10 +223,9 @@ class CostPolicy:
         prompt block once the prefill is done and reports evictions as usual, so the claim
         only runs ahead of the events, it does not contradict them; an unconfirmed claim
         expires after ``claim_ttl_s`` (llm-d pre-inserts for about 2 s)."""
-        if self.claim_routes and hashes:
-            # a claim is one record of the whole chain; none is needed when w covers it already
-            if matches.get(w.worker_id, 0) < len(hashes):
-                self.index.claim(w.worker_id, hashes, self.claim_ttl_s)
+        # a claim is one record of the whole chain; none is needed when w covers it already
+        if self.claim_routes and hashes and matches.get(w.worker_id, 0) < len(hashes):
+            self.index.claim(w.worker_id, hashes, self.claim_ttl_s)
 
     def route(self, request: RoutingRequest, workers: list[WorkerState]) -> RoutingDecision:
         """``decision.reason`` is one of a fixed set (it is a metrics label):
