@@ -27,7 +27,7 @@ from pydantic import (
 )
 from tusk.router.policies import POLICY_NAMES, setting_types
 
-from tusk.config import EngineConfig, RoutingConfig
+from tusk.config import AdmissionConfig, EngineConfig, RoutingConfig
 from tusk.kernel_backends import KERNEL_BACKENDS
 
 ACCELERATORS = ("nvidia", "amd", "intel", "cpu")
@@ -519,6 +519,39 @@ def _routing_settings_model() -> type[BaseModel]:
 RoutingSettings = _routing_settings_model()
 
 
+def _admission_default(name: str) -> Any:
+    return AdmissionConfig.model_fields[name].default
+
+
+class AdmissionSpec(_Spec):
+    """The router's admission queue for this model (tusk.router.admission): requests wait at the
+    router while every worker has a prefill backlog, and the least work goes first."""
+
+    backlog_seconds: float = Field(
+        _admission_default("backlog_s"),
+        ge=0,
+        le=3600,
+        alias="backlogSeconds",
+        description="Hold requests while every worker has this many seconds of prefill queued; 0 turns the queue off.",
+    )
+    aging: float = Field(
+        _admission_default("aging"),
+        gt=0,
+        le=1000,
+        description="Seconds of work a waiting request's rank gains per second it waits (bounds how long a long prompt is overtaken).",
+    )
+    max_waiting: int = Field(
+        _admission_default("max_waiting"),
+        ge=1,
+        le=1_000_000,
+        alias="maxWaiting",
+        description="Requests waiting beyond this many are refused with HTTP 429.",
+    )
+
+    def to_config(self) -> AdmissionConfig:
+        return AdmissionConfig(backlog_s=self.backlog_seconds, aging=self.aging, max_waiting=self.max_waiting)
+
+
 class RoutingSpec(_Spec):
     """How the router picks workers for this model. A router-only setting: changing it restarts
     no worker."""
@@ -535,6 +568,9 @@ class RoutingSpec(_Spec):
         RoutingSettings(),
         description="Policy settings (the router's routing.settings); unset ones keep the policy's default.",
     )
+    admission: AdmissionSpec = Field(
+        AdmissionSpec(), description="The router's admission queue for this model."
+    )
 
     def to_config(self) -> RoutingConfig:
         """The router's RoutingConfig; raises ValueError for a value the policy refuses."""
@@ -542,6 +578,7 @@ class RoutingSpec(_Spec):
             policy=self.policy,
             disaggregation_threshold_tokens=self.disaggregation_threshold,
             settings=self.settings.model_dump(exclude_none=True),  # type: ignore[attr-defined]
+            admission=self.admission.to_config(),
         )
 
     @field_validator("settings")

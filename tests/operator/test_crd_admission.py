@@ -260,6 +260,8 @@ BAD_SPECS = [
     ("setting type", _with("routing.settings", {"claim_routes": 1}), ".spec.routing.settings.claim_routes", "is not of type"),
     ("scorer weight", _with("routing.settings", {"weights": {"prefix": "x"}}), ".spec.routing.settings.weights.prefix", "is not of type"),
     ("two names", _with("routing.settings", {"disaggregation_threshold_tokens": 5}), ".spec.routing.settings.disaggregation_threshold_tokens", "unknown field"),
+    ("admission aging", _with("routing.admission", {"aging": 0}), ".spec.routing.admission.aging", "less than or equal to the minimum"),
+    ("admission queue", _with("routing.admission", {"maxWaiting": 0}), ".spec.routing.admission.maxWaiting", "less than the minimum"),
     ("served name", _with("servedModelNames", [""]), ".spec.servedModelNames[0]", "non-empty"),
     ("no source", {"model": {}}, ".spec.model", "'source' is a required"),
 ]  # fmt: skip
@@ -355,6 +357,18 @@ def test_routing_settings_list_every_policy_setting_and_reach_the_router() -> No
         "weights": {"prefix": 2.0, "queue": 1.0},
     }
     assert parse_spec(admit(CRD, _md(MINIMAL))["spec"]).routing.to_config().settings == {}
+
+
+def test_the_admission_queue_is_set_per_model_and_defaults_to_the_routers() -> None:
+    from tusk.config import AdmissionConfig
+
+    stored = admit(CRD, _md(MINIMAL))
+    assert parse_spec(stored["spec"]).routing.to_config().admission == AdmissionConfig()
+    raw = {"backlogSeconds": 0, "aging": 0.5, "maxWaiting": 10}
+    stored = admit(CRD, _md({**MINIMAL, "routing": {"admission": raw}}))
+    assert stored["spec"]["routing"]["admission"] == raw
+    config = parse_spec(stored["spec"]).routing.to_config().admission
+    assert config == AdmissionConfig(backlog_s=0, aging=0.5, max_waiting=10)
 
 
 def test_a_setting_the_policy_refuses_is_named_by_the_operator() -> None:
