@@ -6,9 +6,11 @@ Per candidate worker ``w`` that could prefill the request::
     cached_w  = max(local prefix match on w, prefix in the shared tier)      (blocks)
     uncached  = prompt_tokens - cached_w * block_size
     queue_s   = w.queued_prefill_tokens / rate_w
-    kv_wait_s = 0, or when w lacks free KV blocks for prompt + max_tokens: the missing share of
-                them x w.decode_step_s x max_tokens (the time decodes like this request take
-                to release that much)
+    kv_wait_s = 0, or when w lacks free KV blocks for prompt + max_tokens: the blocks that
+                must be released first -- this request's shortfall plus what requests routed
+                there earlier already wait for (``w.kv_overcommit_blocks``) -- as a share of
+                the request's own, x w.decode_step_s x max_tokens (the time decodes like this
+                request take to release that much)
     compute_s = uncached / rate_w + ceil((queued + uncached) / chunk_tokens) * w.decode_step_s
     fetch_s   = (tier blocks beyond the local match) * tier_fetch_s_per_block
     ttft_w    = max(queue_s, fetch_s) + kv_wait_s + compute_s   (the fetch overlaps the queue)
@@ -200,9 +202,10 @@ class CostPolicy:
                 fetch = cold_fetch
             if fetch > wait:
                 wait = fetch
-            free = w.free_blocks
-            if free < need and w.total_blocks:
-                wait += (need - free) / need * w.decode_step_s * out_steps
+            # a worker admits in order: requests already waiting there for KV go first
+            short = need - w.free_blocks + w.kv_overcommit_blocks
+            if short > 0 and w.total_blocks:
+                wait += short / need * w.decode_step_s * out_steps
             ttft = wait + uncached / rate + -(-(queued + uncached) // chunk) * w.decode_step_s
             scores[wid] = ttft
             score = ttft + weight * uncached / rate

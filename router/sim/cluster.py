@@ -27,7 +27,7 @@ from tusk.router.sim.profile import WorkerProfile
 from tusk.router.sim.trace import TraceRequest
 from tusk.router.sim.worker import Job, SimWorker
 
-from tusk.config import Role
+from tusk.config import AdmissionConfig, Role
 
 _ARRIVAL, _WORKER, _HANDOFF, _POLL, _ADMIT = 0, 1, 2, 3, 4
 
@@ -115,10 +115,10 @@ class Simulator:
         self.disaggregated = 0
         self._admit_pending = False
         self.admission = (
-            AdmissionQueue(
+            AdmissionQueue.from_config(
+                AdmissionConfig(**config.admission),
                 default_prefill_tokens_per_s=self.profile.prefill_tokens_per_s,
                 clock=lambda: self.now,
-                **config.admission,
             )
             if config.admission
             else None
