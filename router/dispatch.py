@@ -92,9 +92,13 @@ class Generation:
         if not gate.queue.enabled:
             return
         req = self.req
-        work = gate.queue.work_s(self.runtime.index, req.block_hashes, len(req.prompt_ids), self.runtime.block_size)
+        work = gate.queue.work_s(
+            self.runtime.index, req.block_hashes, len(req.prompt_ids), self.runtime.block_size
+        )
         try:
             self._released = await gate.enter(work, self._remaining())
+            if self._released:
+                self.runtime.metrics.admission_held.labels(self.runtime.name).inc()
         except QueueFull:
             self.runtime.metrics.rejected.labels("queue_full").inc()
             raise overloaded() from None

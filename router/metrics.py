@@ -48,6 +48,18 @@ class RouterMetrics:
         self.rejected = Counter(
             "tusk_router_rejected", "Requests refused by admission control", ["reason"], registry=r
         )
+        self.admission_waiting = Gauge(
+            "tusk_router_admission_waiting",
+            "Requests waiting in the model's admission queue (tusk.router.admission)",
+            ["model"],
+            registry=r,
+        )
+        self.admission_held = Counter(
+            "tusk_router_admission_held",
+            "Requests that waited in the admission queue before being routed",
+            ["model"],
+            registry=r,
+        )
         self.decisions = Counter(
             "tusk_router_routing_decisions",
             "Routing decisions",

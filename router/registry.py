@@ -215,6 +215,7 @@ class ModelRuntime:
 
     def refresh_metrics(self) -> None:
         self.metrics.update_workers(self.name, [c.state for c in self.clients.values()])
+        self.metrics.admission_waiting.labels(self.name).set(len(self.admission.queue))
 
 
 class ModelRegistry:

@@ -232,3 +232,53 @@ def test_simulator_agrees_with_live_replay_through_the_router() -> None:
         live["hit_rate"],
         sim["hit_rate"],
     )
+
+
+def test_the_live_router_queues_while_workers_are_busy_and_refuses_past_its_bound() -> None:
+    """One emulated worker, an admission queue of two: of six concurrent long prompts the first
+    is routed at once, two wait at the router and are routed as the worker frees up, three are
+    refused with 429 queue_full; a prompt longer than the worker's KV cache is a 400."""
+    tusk = [sys.executable, "-m", "tusk"]
+    emu, ready = _start(
+        [*tusk, "emulate", "--workers", "1", "--token-scale", "16", "--block-size", "4", "--no-http"]
+    )
+    router = None
+    try:
+        model = {
+            "name": "emulated",
+            "tokenizer": ready["tokenizer"],
+            "block_size": 4,
+            "max_model_len": 1 << 20,
+            "workers": [{"address": w["address"]} for w in ready["workers"]],
+        }
+        routing = {"policy": "cost", "admission": {"backlog_s": 0.01, "max_waiting": 2}}
+        config = {"port": 0, "models": [model], "routing": routing}
+        router, info = _start([*tusk, "router", "--config-json", json.dumps(config), "--log-level", "error"])
+        url = "http://" + info["address"]
+
+        async def send(client: httpx.AsyncClient, words: int) -> httpx.Response:
+            body = {"model": "emulated", "prompt": " the" * words, "max_tokens": 2}
+            return await client.post(f"{url}/v1/completions", json=body, timeout=120)
+
+        async def scenario() -> list[httpx.Response]:
+            async with httpx.AsyncClient() as client:
+                for _ in range(100):  # the router has polled the worker
+                    if (await client.get(f"{url}/health")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.1)
+                # 2000 tokens: 1.3 s of prefill each, far longer than the requests take to arrive
+                replies = await asyncio.gather(*(send(client, 2000 + i) for i in range(6)))
+                too_long = await send(client, 30_000)  # > the emulated worker's 25,000-token KV
+                metrics = (await client.get(f"{url}/metrics")).text
+                return [*replies, too_long, metrics]
+
+        *replies, too_long, metrics = asyncio.run(scenario())
+    finally:
+        if router is not None:
+            _stop(router)
+        _stop(emu)
+    statuses = sorted(r.status_code for r in replies)
+    assert statuses == [200, 200, 200, 429, 429, 429], statuses
+    assert all(r.json()["error"]["code"] == "queue_full" for r in replies if r.status_code == 429)
+    assert too_long.status_code == 400 and "maximum context length" in too_long.json()["error"]["message"]
+    assert 'tusk_router_admission_held_total{model="emulated"} 2.0' in metrics
