@@ -121,14 +121,20 @@ class AdmissionQueue:
         return max(0, prompt_tokens - cached) / self.default_rate
 
     # ----------------------------------------------------------------- queue
-    def offer(self, item: Any, work_s: float, workers: Iterable[WorkerState]) -> int | None:
+    def offer(
+        self, item: Any, work_s: float | Callable[[], float], workers: Iterable[WorkerState]
+    ) -> int | None:
         """Admit ``item`` now (returns None: route it) or queue it (returns its ticket for
-        ``withdraw``). Nothing jumps a non-empty queue: a newcomer is ranked with the rest."""
+        ``withdraw``). Nothing jumps a non-empty queue: a newcomer is ranked with the rest.
+        ``work_s`` may be a function: it is called only when the request has to wait, so a
+        request routed at once pays no extra index lookup."""
         if not self.enabled or (not len(self) and self.has_room(workers)):
             self.admitted_at_once += 1
             return None
         if len(self) >= self.max_waiting:
             raise QueueFull(f"{len(self)} requests are waiting for a worker")
+        if callable(work_s):
+            work_s = work_s()
         ticket = next(self._seq)
         heapq.heappush(self._heap, (work_s + self.aging * self.clock(), ticket, item))
         self._live.add(ticket)
@@ -171,7 +177,7 @@ class AdmissionGate:
         self.workers = workers
         self._handing = False
 
-    async def enter(self, work_s: float, timeout_s: float) -> bool:
+    async def enter(self, work_s: float | Callable[[], float], timeout_s: float) -> bool:
         """Wait for this request's turn. Returns True when it waited in the queue: the caller
         must then call ``routed()`` once it has routed (or given up). Raises ``QueueFull``, or
         ``TimeoutError`` after ``timeout_s``."""

@@ -187,7 +187,10 @@ class Simulator:
         queue = self.admission
         if queue is not None:
             req = job.req
-            work = queue.work_s(self.index, req.block_hashes, req.input_tokens, self.config.block_size)
+
+            def work() -> float:
+                return queue.work_s(self.index, req.block_hashes, req.input_tokens, self.config.block_size)
+
             if queue.offer(job, work, self.states) is not None:
                 return  # held at the router; ``_admit_waiting`` routes it when a worker has room
         self._route(job, now)
