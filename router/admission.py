@@ -99,12 +99,15 @@ class AdmissionQueue:
 
     # ----------------------------------------------------------------- the room test
     def has_room(self, workers: Iterable[WorkerState]) -> bool:
-        """Some healthy worker that can prefill has less than ``backlog_s`` of prefill queued,
-        or there is no such worker at all (nothing to wait for: routing answers 503)."""
+        """Some healthy worker has less than ``backlog_s`` of prefill queued, or there is no
+        healthy worker at all (nothing to wait for: routing answers 503). Decode-role workers
+        count: a decode-capable worker can always prefill for itself (``policies.pools``), and
+        in a P/D cluster the ``cost`` policy keeps requests there when the prefill pool is
+        busy; gating on the prefill pool alone held every request behind it."""
         limit = self.backlog_s
         any_worker = False
         for w in workers:
-            if w.healthy and w.can_prefill:
+            if w.healthy:
                 any_worker = True
                 rate = w.prefill_tokens_per_s or self.default_rate
                 if w.queued_prefill_tokens < limit * rate:

@@ -50,10 +50,11 @@ def test_room_means_some_worker_that_can_prefill_is_nearly_idle() -> None:
     assert q.has_room([worker(499)])
     assert not q.has_room([worker(500), worker(9000)])
     assert q.has_room([worker(9000), worker(100, Role.PREFILL)])
-    # decode-only and unhealthy workers cannot start a prefill: they give no room
-    assert not q.has_room([worker(9000), worker(0, Role.DECODE), worker(0, healthy=False)])
-    # no worker at all: nothing to wait for, routing answers 503 at once
-    assert q.has_room([]) and q.has_room([worker(0, Role.DECODE)])
+    # unhealthy workers give no room; a decode worker does (it can prefill for itself)
+    assert not q.has_room([worker(9000), worker(0, healthy=False)])
+    assert q.has_room([worker(9000, Role.PREFILL), worker(0, Role.DECODE)])
+    # no healthy worker at all: nothing to wait for, routing answers 503 at once
+    assert q.has_room([]) and q.has_room([worker(0, healthy=False)])
 
 
 def test_requests_go_straight_through_while_there_is_room() -> None:
