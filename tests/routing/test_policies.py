@@ -3,6 +3,8 @@ conditional disaggregation and self-tuning threshold."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from tusk.router.policies import (
     POLICY_NAMES,
@@ -15,8 +17,13 @@ from tusk.router.policies import (
     make_policy,
 )
 from tusk.router.prefix_index import PrefixIndex
+from tusk.router.sim.cluster import SimConfig, Simulator
+from tusk.router.sim.profile import load_profile
+from tusk.router.sim.trace import load_trace
 
 from tusk.config import Role
+
+TRACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces"
 
 BS = 16
 
@@ -194,6 +201,115 @@ def test_cost_picks_decode_worker_by_free_blocks_and_load() -> None:
     ]
     d = policy.route(request(list(range(1, 100))), workers)
     assert d.prefill is not None and d.decode.worker_id == "good"
+
+
+def test_cost_splits_a_short_prompt_when_the_decode_worker_is_queued_and_prefill_idle() -> None:
+    """Per request, not by size: 800 tokens (below any sensible size threshold) still go to the
+    idle prefill worker when the decode worker has a second of prefill queued."""
+    policy = make_policy("cost", PrefixIndex())
+    workers = [worker("p", Role.PREFILL), worker("d", Role.DECODE, queued_prefill_tokens=10_000)]
+    d = policy.route(request([1], tokens=800), workers)
+    assert d.prefill is not None and d.prefill.worker_id == "p" and d.reason == "disaggregated"
+
+
+def test_cost_keeps_a_request_local_when_the_prefill_pool_is_the_longer_wait() -> None:
+    policy = make_policy("cost", PrefixIndex())
+    workers = [worker("p", Role.PREFILL, queued_prefill_tokens=30_000), worker("d", Role.DECODE)]
+    d = policy.route(request(list(range(1, 100)), tokens=100 * BS), workers)
+    assert d.prefill is None and d.decode.worker_id == "d" and d.reason == "local-faster"
+
+
+def test_cost_charges_local_prefill_compute_saturation_ratio_times() -> None:
+    """Idle pools, equal estimates: the decode worker's compute counts ``saturation_ratio`` times,
+    so the request splits; a ratio of 1 is the plain TTFT comparison (a tie stays local)."""
+    big = request(list(range(1, 100)), tokens=100 * BS)
+    for ratio, split in ((1.75, True), (1.0, False)):
+        policy = make_policy("cost", PrefixIndex(), saturation_ratio=ratio)
+        d = policy.route(big, [worker("p", Role.PREFILL), worker("d", Role.DECODE)])
+        assert (d.prefill is not None) is split
+    # decode worker: queue 0.5 s + compute 1600 tokens / 10k tok/s = 0.16 s, so TTFT 0.66 s and
+    # cost 0.5 + 1.75 x 0.16 = 0.78 s; the prefill worker's TTFT 0.7 + 0.16 = 0.86 s is longer
+    policy = make_policy("cost", PrefixIndex())
+    workers = [
+        worker("p", Role.PREFILL, queued_prefill_tokens=7_000),
+        worker("d", Role.DECODE, queued_prefill_tokens=5_000),
+    ]
+    d = policy.route(big, workers)
+    assert d.prefill is None and d.scores["p"] == pytest.approx(0.86)
+    assert d.scores["d"] == pytest.approx(0.66)
+
+
+def test_cost_compute_share_matches_the_ttft_estimate() -> None:
+    """``_compute_s`` repeats the compute terms that ``_best`` inlines: on a worker with room and
+    nothing to fetch the estimate is exactly queue + compute."""
+    policy = make_policy("cost", PrefixIndex(), claim_routes=False)
+    assert isinstance(policy, CostPolicy)
+    for queued, step, rate in ((0, 0.0, 0.0), (20_000, 0.03, 25_000.0), (5, 0.5, 1_000.0)):
+        w = worker(
+            "d", Role.DECODE, queued_prefill_tokens=queued, decode_step_s=step, prefill_tokens_per_s=rate
+        )
+        req = request(list(range(1, 40)), tokens=40 * BS)
+        d = policy.route(req, [w])
+        expected = queued / (rate or policy.default_rate) + policy._compute_s(w, req.prompt_tokens)
+        assert d.scores["d"] == pytest.approx(expected)
+
+
+def test_cost_p_d_knobs_do_not_touch_aggregated_clusters() -> None:
+    """Without prefill workers nothing of the split rule runs: decisions are the same whatever
+    the P/D settings and whatever feedback arrived."""
+    idx = PrefixIndex()
+    idx.apply_event("b", "stored", "device", list(range(1, 51)))
+    workers = [
+        worker("a", queued_prefill_tokens=3_000),
+        worker("b", queued_prefill_tokens=9_000),
+        worker("c"),
+    ]
+    reqs = [request(list(range(1, 1 + n)), tokens=n * BS) for n in (1, 20, 60, 200)]
+    plain = make_policy("cost", idx, claim_routes=False)
+    tuned = make_policy(
+        "cost", idx, claim_routes=False, saturation_ratio=5.0, disaggregation_threshold_tokens=0
+    )
+    feed(tuned, 50, rate=5_000, handoff=1.0, step=0.1)
+    for r in reqs:
+        a, b = plain.route(r, workers), tuned.route(r, workers)
+        assert a.reason == b.reason == "aggregated-cluster" and a.prefill is None and b.prefill is None
+        assert a.decode.worker_id == b.decode.worker_id and a.scores == b.scores
+
+
+@pytest.mark.parametrize(
+    ("trace", "requests", "prefill", "decode", "load"),
+    [
+        ("synthetic_trace.jsonl", 300, 2, 6, 3.0),  # short prompts: most stay local
+        ("kv-cache-tester_traces.tar.xz", 150, 4, 4, 3.815),  # long agentic sessions: most split
+    ],
+)
+def test_cost_p_d_never_loses_to_never_or_always_splitting(
+    trace: str, requests: int, prefill: int, decode: int, load: float
+) -> None:
+    """Simulated (deterministic), with the live router's information model: p90 TTFT within 5%
+    of the better of never splitting and always splitting, and far ahead of never splitting.
+    The size threshold this rule replaced split too little on the agentic trace (1.6x worse)."""
+    profile = load_profile("h100-llama8b").scaled(16)
+    reqs = load_trace(TRACES / trace, block_size=4, token_scale=16, max_requests=requests)
+    p90 = {}
+    for name, settings in (
+        ("cost", {}),
+        ("never", {"disaggregation_threshold_tokens": 1 << 30}),
+        ("always", {"disaggregation_threshold_tokens": 0}),
+    ):
+        config = SimConfig(
+            policy_settings=settings,
+            prefill_workers=prefill,
+            decode_workers=decode,
+            load_scale=load,
+            block_size=4,
+            poll_interval_s=1.0,
+        )
+        result = Simulator(reqs, config, profile).run()
+        assert result["completed"] == len(reqs)
+        p90[name] = result["ttft_p90_s"]
+    assert p90["cost"] <= 1.05 * min(p90["never"], p90["always"])
+    assert p90["cost"] < 0.7 * p90["never"]
 
 
 def outcome(
