@@ -357,7 +357,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--time-scale must be > 0 and --token-scale must divide 64")
     args.block_size = 64 // args.token_scale  # 64-token KV blocks before scaling
     args.requests = args.requests or (700 if args.quick else None)
-    default = ",".join((*TUSK_SYSTEMS, *PEERS))
+    default = ",".join((*TUSK_SYSTEMS, *FCFS, *PEERS))
     systems = [s for s in (args.systems or default).split(",") if s]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
