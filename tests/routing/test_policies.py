@@ -1,5 +1,5 @@
 """Each routing policy's contract: who it picks, how it fails, and the cost policy's
-conditional disaggregation and self-tuning threshold."""
+per-request conditional disaggregation and learnt (reported) threshold."""
 
 from __future__ import annotations
 
