@@ -102,7 +102,10 @@ class AdmissionConfig(_Strict):
     of work."""
 
     backlog_s: float = Field(
-        0.2, ge=0, le=3600, description="hold requests while every worker has this much prefill queued (0: off)"
+        0.2,
+        ge=0,
+        le=3600,
+        description="hold requests while every worker has this much prefill queued (0: off)",
     )
     aging: float = Field(
         0.05, gt=0, le=1000, description="seconds of work a request's rank gains per second it waits"

@@ -131,7 +131,9 @@ class EmulatedService(rpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
         if request.sampling.max_tokens <= 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens must be > 0")
-        too_long = context_error(len(request.prompt_token_ids), request.sampling.max_tokens, self.max_model_len)
+        too_long = context_error(
+            len(request.prompt_token_ids), request.sampling.max_tokens, self.max_model_len
+        )
         if too_long:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_long)
 

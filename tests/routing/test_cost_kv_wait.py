@@ -18,7 +18,9 @@ def test_a_worker_whose_kv_is_overcommitted_loses_its_cache_advantage() -> None:
     policy = make_policy("cost", index, claim_routes=False, default_prefill_tokens_per_s=10_000.0)
 
     def states(overcommit_requests: int) -> list[WorkerState]:
-        holder = WorkerState("holder", "a", total_blocks=400, prefill_tokens_per_s=10_000.0, decode_step_s=0.02)
+        holder = WorkerState(
+            "holder", "a", total_blocks=400, prefill_tokens_per_s=10_000.0, decode_step_s=0.02
+        )
         other = WorkerState("other", "b", total_blocks=400, prefill_tokens_per_s=10_000.0, decode_step_s=0.02)
         holder_load, other_load = WorkerLoad(holder), WorkerLoad(other)
         other_load.charge(0, False, 0)
