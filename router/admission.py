@@ -167,48 +167,53 @@ class AdmissionQueue:
 
 
 class AdmissionGate:
-    """The queue for the live router: a request awaits its turn in ``enter``.
+    """The queue for the live router: a request waits in ``enter`` and is routed when released.
 
-    One released request is handed out at a time: the next one is released only after it has
-    been routed (``routed``), because routing is what charges the load account and so what
-    makes a worker's room go away. The simulator gets the same effect by routing synchronously.
-    The gate is pumped on every change of load (``WorkerLoad.on_change``: a first token, a
-    finished request, a load report)."""
+    Releasing *is* routing: ``pump`` calls each released request's ``route`` itself, at once,
+    because routing is what charges the load account and so what takes a worker's room away;
+    the next request is then judged against the charged account, exactly as the simulator does
+    (it routes synchronously too). Waking a task and letting it route later would release
+    requests faster than the account learns of them, or, released one at a time, would add an
+    event-loop turn per request. The gate is pumped whenever load goes down
+    (``WorkerLoad.on_change``: a first token, a finished request, a load report)."""
 
     def __init__(self, queue: AdmissionQueue, workers: Callable[[], list[WorkerState]]) -> None:
         self.queue = queue
         self.workers = workers
-        self._handing = False
+        self._pumping = False
 
-    async def enter(self, work_s: float | Callable[[], float], timeout_s: float) -> bool:
-        """Wait for this request's turn. Returns True when it waited in the queue: the caller
-        must then call ``routed()`` once it has routed (or given up). Raises ``QueueFull``, or
-        ``TimeoutError`` after ``timeout_s``."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        ticket = self.queue.offer(future, work_s, self.workers())
+    async def enter(
+        self, work_s: float | Callable[[], float], timeout_s: float, route: Callable[[], Any]
+    ) -> Any | None:
+        """None when there is room now: the caller routes. Otherwise waits, and returns what
+        ``route()`` returned when the request was released (or raises what it raised). Raises
+        ``QueueFull``, or ``TimeoutError`` after ``timeout_s``."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        ticket = self.queue.offer((future, route), work_s, self.workers())
         if ticket is None:
-            return False
+            return None
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except BaseException:
-            if future.done() and not future.cancelled():
-                self.routed()  # released as it left: pass the turn on
-            else:
+            if not future.done():
                 future.cancel()
                 self.queue.withdraw(ticket)
+            # else it was routed as it left: its caller releases the charge as for any request
             raise
-        return True
-
-    def routed(self) -> None:
-        self._handing = False
-        self.pump()
 
     def pump(self) -> None:
-        """Release the next waiting request if a worker has room."""
-        if self._handing or not len(self.queue):
+        """Route waiting requests, least work first, while a worker has room."""
+        if self._pumping or not len(self.queue):
             return
-        while (future := self.queue.pop_next(self.workers())) is not None:
-            if not future.done():
-                future.set_result(None)
-                self._handing = True
-                return
+        self._pumping = True  # routing may report load changes: no nested pumps
+        try:
+            while (item := self.queue.pop_next(self.workers())) is not None:
+                future, route = item
+                if future.done():
+                    continue
+                try:
+                    future.set_result(route())
+                except Exception as exc:  # the request's own error (no worker...), for its waiter
+                    future.set_exception(exc)
+        finally:
+            self._pumping = False

@@ -79,41 +79,36 @@ class Generation:
     _excluded: set[str] = field(default_factory=set)
     _ok: bool = False
     _ticket: LoadTicket | None = None  # what this request charged to the router's load account
-    _released: bool = False  # came out of the admission queue and has not routed yet
 
     # -- routing -------------------------------------------------------------------------------
 
     def _candidates(self) -> list[WorkerState]:
         return [w for w in self.runtime.ready_states() if w.address not in self._excluded]
 
-    async def _admit(self) -> None:
-        """Wait in the model's admission queue while every worker is busy (see admission.py)."""
+    async def _admit(self) -> RoutingDecision | None:
+        """Wait in the model's admission queue while every worker is busy (see admission.py).
+        Returns the decision made when the queue released the request, or None: route now."""
         gate = self.runtime.admission
         if not gate.queue.enabled:
-            return
+            return None
         req = self.req
-        work = gate.queue.work_s(
-            self.runtime.index, req.block_hashes, len(req.prompt_ids), self.runtime.block_size
-        )
+        rt = self.runtime
+
+        def work() -> float:
+            return gate.queue.work_s(rt.index, req.block_hashes, len(req.prompt_ids), rt.block_size)
+
         try:
-            self._released = await gate.enter(work, self._remaining())
-            if self._released:
-                self.runtime.metrics.admission_held.labels(self.runtime.name).inc()
+            decision = await gate.enter(work, self._remaining(), self._route)
         except QueueFull:
             self.runtime.metrics.rejected.labels("queue_full").inc()
             raise overloaded() from None
         except TimeoutError:
             raise timed_out(req.timeout_s) from None
+        if decision is not None:
+            self.runtime.metrics.admission_held.labels(self.runtime.name).inc()
+        return decision
 
     def _route(self) -> RoutingDecision:
-        try:
-            return self._route_now()
-        finally:
-            if self._released:  # routed (or failed to): the next waiting request may go
-                self._released = False
-                self.runtime.admission.routed()
-
-    def _route_now(self) -> RoutingDecision:
         req = self.req
         workers = self._candidates()
         if not workers:
@@ -197,9 +192,10 @@ class Generation:
         first_token: int | None = None
         decode: WorkerState | None = None
         self.attempts = 1  # tries started; each failure starts the next one
-        await self._admit()
+        admitted = await self._admit()  # routed as it left the admission queue, if it waited
         while first_token is None:
-            decision = self._route()
+            decision = admitted or self._route()
+            admitted = None
             self.decision = decision
             if decision.prefill is None:
                 decode = decision.decode

@@ -63,7 +63,8 @@ class WorkerLoad:
 
     def __init__(self, state: WorkerState, on_change: Callable[[], None] | None = None) -> None:
         self.state = state
-        # called after every change of load (the live router's admission gate listens)
+        # called when load may have gone down: a report, a prefill or a decode finished (the
+        # live router's admission gate listens; charges only add load, so they do not call it)
         self.on_change = on_change
         self.own_prefill_tokens = 0
         self.own_prefills = 0
@@ -86,6 +87,11 @@ class WorkerLoad:
         self.ext_used_blocks = max(0, (r.total_blocks - r.free_blocks) - self.own_blocks)
         self.reported = True
         self._publish()
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _publish(self) -> None:
         s = self.state
@@ -95,8 +101,6 @@ class WorkerLoad:
             free = s.total_blocks - self.ext_used_blocks - self.own_blocks
             s.free_blocks = max(0, free)
             s.kv_overcommit_blocks = max(0, -free)
-        if self.on_change is not None:
-            self.on_change()
 
     def charge(self, prefill_tokens: int, prefill: bool, blocks: int) -> None:
         self.own_prefill_tokens += prefill_tokens
@@ -104,11 +108,13 @@ class WorkerLoad:
         self.own_blocks += blocks
         self._publish()
 
-    def prefill_finished(self, prefill_tokens: int, blocks_released: int) -> None:
+    def prefill_finished(self, prefill_tokens: int, blocks_released: int, notify: bool = True) -> None:
         self.own_prefill_tokens = max(0, self.own_prefill_tokens - prefill_tokens)
         self.own_prefills = max(0, self.own_prefills - 1)
         self.own_blocks = max(0, self.own_blocks - blocks_released)
         self._publish()
+        if notify:
+            self._notify()
 
     def decode_started(self, blocks: int) -> None:
         self.own_decoding += 1
@@ -119,6 +125,7 @@ class WorkerLoad:
         self.own_decoding = max(0, self.own_decoding - 1)
         self.own_blocks = max(0, self.own_blocks - blocks)
         self._publish()
+        self._notify()
 
 
 class LoadTicket:
@@ -149,9 +156,10 @@ class LoadTicket:
         if self.split:
             # the prefill worker frees the request's blocks once the KV is handed off
             self.prefill.prefill_finished(self.uncached, self.blocks)
-        else:
-            self.prefill.prefill_finished(self.uncached, self.blocks)
+        else:  # the same worker keeps the blocks to decode: tell listeners once, after both
+            self.prefill.prefill_finished(self.uncached, self.blocks, notify=False)
             self.decode_started()
+            self.prefill._notify()
 
     def decode_started(self) -> None:
         if self._decoding or self._done:

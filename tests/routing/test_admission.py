@@ -121,33 +121,64 @@ def test_bad_settings_are_refused_with_the_field_named() -> None:
 # ------------------------------------------------------------------------------- live gate
 
 
-def test_the_gate_releases_one_request_at_a_time_as_load_goes_down() -> None:
+def test_the_gate_routes_waiting_requests_as_load_goes_down_least_work_first() -> None:
     async def scenario() -> None:
         state = WorkerState(worker_id="w", address="a", prefill_tokens_per_s=1000.0)
         load = WorkerLoad(state)
         gate = AdmissionGate(queue(backlog_s=0.5), lambda: [state])
         load.on_change = gate.pump
         load.charge(5000, True, 10)  # 5 s of prefill queued: no room
+        routed: list[str] = []
 
-        first = asyncio.create_task(gate.enter(1.0, 30.0))
-        second = asyncio.create_task(gate.enter(2.0, 30.0))
-        await asyncio.sleep(0.01)
-        assert not first.done() and not second.done() and len(gate.queue) == 2
+        def route(name: str, tokens: int):  # what dispatch's _route does: decide and charge
+            def go() -> str:
+                routed.append(name)
+                load.charge(tokens, True, 10)
+                return f"decision-{name}"
 
-        load.prefill_finished(5000, 10)  # the prefill is done: room, the cheaper one goes
+            return go
+
+        waiting = [
+            asyncio.create_task(gate.enter(work, 30.0, route(name, 5000)))
+            for name, work in (("long", 5.0), ("short", 1.0), ("mid", 2.0))
+        ]
         await asyncio.sleep(0.01)
-        assert first.done() and first.result() is True and not second.done()
-        # until the released request has routed (and charged), nobody else is let in
-        gate.pump()
-        await asyncio.sleep(0.01)
-        assert not second.done()
-        load.charge(5000, True, 10)  # it routes: the worker is busy again
-        gate.routed()
-        await asyncio.sleep(0.01)
-        assert not second.done()
+        assert routed == [] and len(gate.queue) == 3
+        # the prefill is done: room for one; the least work is routed there and then, which
+        # takes the room away again, so the other two keep waiting
         load.prefill_finished(5000, 10)
+        assert routed == ["short"]
         await asyncio.sleep(0.01)
-        assert second.done() and second.result() is True
+        assert waiting[1].result() == "decision-short" and not waiting[0].done()
+        load.prefill_finished(5000, 10)
+        load.prefill_finished(5000, 10)
+        assert routed == ["short", "mid", "long"]
+        assert await asyncio.gather(*waiting) == ["decision-long", "decision-short", "decision-mid"]
+        # with room, enter returns None: the caller routes by itself
+        load.prefill_finished(5000, 10)
+        assert await gate.enter(1.0, 30.0, route("x", 0)) is None and routed[-1] == "long"
+
+    asyncio.run(scenario())
+
+
+def test_a_routing_error_reaches_the_waiting_request_and_the_queue_goes_on() -> None:
+    async def scenario() -> None:
+        state = WorkerState(
+            worker_id="w", address="a", prefill_tokens_per_s=1000.0, queued_prefill_tokens=10**6
+        )
+        gate = AdmissionGate(queue(), lambda: [state])
+
+        def fails() -> str:
+            raise LookupError("no worker")
+
+        bad = asyncio.create_task(gate.enter(1.0, 30.0, fails))
+        good = asyncio.create_task(gate.enter(2.0, 30.0, lambda: "ok"))
+        await asyncio.sleep(0.01)
+        state.queued_prefill_tokens = 0
+        gate.pump()
+        with pytest.raises(LookupError):
+            await bad
+        assert await good == "ok"
 
     asyncio.run(scenario())
 
@@ -158,29 +189,20 @@ def test_a_request_that_times_out_or_is_cancelled_leaves_the_queue() -> None:
             worker_id="w", address="a", prefill_tokens_per_s=1000.0, queued_prefill_tokens=10**6
         )
         gate = AdmissionGate(queue(), lambda: [state])
+        never = []
         with pytest.raises(TimeoutError):
-            await gate.enter(1.0, 0.05)
+            await gate.enter(1.0, 0.05, lambda: never.append(1))
         assert len(gate.queue) == 0
-        task = asyncio.create_task(gate.enter(1.0, 30.0))
+        task = asyncio.create_task(gate.enter(1.0, 30.0, lambda: never.append(1)))
         await asyncio.sleep(0.01)
         assert len(gate.queue) == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert len(gate.queue) == 0
-        # a released request that leaves before routing passes its turn on
-        waiting = [asyncio.create_task(gate.enter(w, 30.0)) for w in (1.0, 2.0)]
-        await asyncio.sleep(0.01)
         state.queued_prefill_tokens = 0
         gate.pump()
-        waiting[0].cancel()  # released, and cancelled as it wakes
-        try:
-            if await waiting[0]:  # asyncio may deliver the release instead of the cancel:
-                gate.routed()  # then it routes as usual
-        except asyncio.CancelledError:
-            pass  # else the gate itself passes the turn on
-        await asyncio.sleep(0.01)
-        assert waiting[1].done() and waiting[1].result() is True
+        assert never == []  # neither was routed after it left
 
     asyncio.run(scenario())
 
