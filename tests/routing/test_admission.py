@@ -18,7 +18,8 @@ from tusk.router.sim.trace import load_trace
 from tusk import emulate
 from tusk.config import AdmissionConfig, Role, RoutingConfig
 
-TRACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces" / "synthetic_trace.jsonl"
+# a slice of the Mooncake trace committed with the tests (tests/data/traces/README.md)
+TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "mooncake_synthetic_tail400.jsonl"
 
 
 def worker(queued: int, role: Role = Role.BOTH, healthy: bool = True, rate: float = 1000.0) -> WorkerState:

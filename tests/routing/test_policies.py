@@ -23,7 +23,8 @@ from tusk.router.sim.trace import load_trace
 
 from tusk.config import Role
 
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces"
+# slices of the public traces committed with the tests (tests/data/traces/README.md)
+TRACES = Path(__file__).resolve().parents[1] / "data" / "traces"
 
 BS = 16
 
@@ -279,8 +280,8 @@ def test_cost_p_d_knobs_do_not_touch_aggregated_clusters() -> None:
 @pytest.mark.parametrize(
     ("trace", "requests", "prefill", "decode", "load"),
     [
-        ("synthetic_trace.jsonl", 300, 2, 6, 3.0),  # short prompts: most stay local
-        ("kv-cache-tester_traces.tar.xz", 150, 4, 4, 3.815),  # long agentic sessions: most split
+        ("mooncake_synthetic_tail400.jsonl", 300, 2, 6, 3.0),  # short prompts: most stay local
+        ("kv-cache-tester_first7.tar.xz", 150, 4, 4, 3.815),  # long agentic sessions: most split
     ],
 )
 def test_cost_p_d_never_loses_to_never_or_always_splitting(
