@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import signal
@@ -48,7 +47,7 @@ from typing import Any
 
 import httpx
 from tusk.router import loadgen
-from tusk.router.policies.cost import CostPolicy
+from tusk.router.policies.base import DEFAULT_CLAIM_TTL_S
 from tusk.router.sim.cluster import SimConfig, Simulator
 from tusk.router.sim.profile import load_profile
 from tusk.router.sim.trace import TraceRequest, load_trace
@@ -166,12 +165,11 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     is the wall; at time scale 4 an unscaled 2 s claim outlived the blocks it stood for 8
     emulated seconds and cost p90 2.3x on the kv-cache-tester slice)."""
     profile = load_profile(args.profile).scaled(args.token_scale)
-    claim_ttl_s = inspect.signature(CostPolicy).parameters["claim_ttl_s"].default
     return {
         "chunk_tokens": profile.chunk_tokens,
         "default_prefill_tokens_per_s": profile.prefill_tokens_per_s,
         "tier_fetch_s_per_block": profile.tier_fetch_s_per_block(args.block_size),
-        "claim_ttl_s": claim_ttl_s / args.time_scale,
+        "claim_ttl_s": DEFAULT_CLAIM_TTL_S / args.time_scale,
     }
 
 

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tusk.router.policies.base import WorkerState
+from tusk.router.policies.base import DEFAULT_PREFILL_TOKENS_PER_S, WorkerState
 from tusk.router.prefix_index import PrefixIndex
 
 from tusk.config import AdmissionConfig
@@ -58,7 +58,7 @@ class AdmissionQueue:
         backlog_s: float,
         aging: float,
         max_waiting: int,
-        default_prefill_tokens_per_s: float = 10_000.0,
+        default_prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if backlog_s < 0:

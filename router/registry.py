@@ -14,7 +14,7 @@ from typing import Any
 from tusk.router.admission import AdmissionGate, AdmissionQueue
 from tusk.router.errors import APIError, bad_request, model_not_found
 from tusk.router.metrics import RouterMetrics
-from tusk.router.policies.base import Policy, WorkerState
+from tusk.router.policies.base import DEFAULT_PREFILL_TOKENS_PER_S, Policy, WorkerState
 from tusk.router.prefix_index import PrefixIndex
 from tusk.router.tokenizer import ModelTokenizer
 from tusk.router.workers import WorkerClient
@@ -80,7 +80,7 @@ class ModelRuntime:
             AdmissionQueue.from_config(
                 routing.admission,
                 default_prefill_tokens_per_s=float(
-                    routing.settings.get("default_prefill_tokens_per_s", 10_000.0)
+                    routing.settings.get("default_prefill_tokens_per_s", DEFAULT_PREFILL_TOKENS_PER_S)
                 ),
             ),
             self.ready_states,

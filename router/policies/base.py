@@ -16,6 +16,10 @@ from typing import Protocol, runtime_checkable
 
 from tusk.config import Role
 
+# Priors every policy and the router's admission queue share (one definition each):
+DEFAULT_PREFILL_TOKENS_PER_S = 10_000.0  # a worker's prefill rate until it reports its own
+DEFAULT_CLAIM_TTL_S = 2.0  # how long a routing claim counts unconfirmed (llm-d pre-inserts ~2 s)
+
 
 @dataclass
 class WorkerState:

@@ -15,7 +15,13 @@ fewest indexed blocks (the most room to cache something new), as SGLang does wit
 
 from __future__ import annotations
 
-from tusk.router.policies.base import RequestOutcome, RoutingDecision, RoutingRequest, WorkerState
+from tusk.router.policies.base import (
+    DEFAULT_CLAIM_TTL_S,
+    RequestOutcome,
+    RoutingDecision,
+    RoutingRequest,
+    WorkerState,
+)
 from tusk.router.policies.pools import least_loaded, split_pools
 from tusk.router.prefix_index import PrefixIndex
 
@@ -30,7 +36,7 @@ class CacheAware:
         balance_abs_threshold: int = 64,
         balance_rel_threshold: float = 1.5,
         insert_on_route: bool = True,
-        claim_ttl_s: float | None = 2.0,
+        claim_ttl_s: float | None = DEFAULT_CLAIM_TTL_S,
     ) -> None:
         if not 0 <= cache_threshold <= 1 or balance_abs_threshold < 0 or balance_rel_threshold < 1:
             raise ValueError(

@@ -56,7 +56,14 @@ from __future__ import annotations
 
 import math
 
-from tusk.router.policies.base import RequestOutcome, RoutingDecision, RoutingRequest, WorkerState
+from tusk.router.policies.base import (
+    DEFAULT_CLAIM_TTL_S,
+    DEFAULT_PREFILL_TOKENS_PER_S,
+    RequestOutcome,
+    RoutingDecision,
+    RoutingRequest,
+    WorkerState,
+)
 from tusk.router.policies.pools import digest64, rendezvous_weight, split_pools
 from tusk.router.prefix_index import PrefixIndex
 
@@ -91,7 +98,7 @@ class CostPolicy:
         self,
         index: PrefixIndex,
         disaggregation_threshold_tokens: int | None = None,
-        default_prefill_tokens_per_s: float = 10_000.0,
+        default_prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S,
         chunk_tokens: int = 8192,
         tier_fetch_s_per_block: float = 0.001,
         stall_budget_steps: float = 4.0,
@@ -104,7 +111,7 @@ class CostPolicy:
         threshold_tokens: int | None = None,
         recompute_weight: float = 4.0,
         claim_routes: bool = True,
-        claim_ttl_s: float = 2.0,
+        claim_ttl_s: float = DEFAULT_CLAIM_TTL_S,
     ) -> None:
         # ``threshold_tokens`` is an alias of ``disaggregation_threshold_tokens`` (the router's name).
         if disaggregation_threshold_tokens is None:
@@ -259,25 +266,22 @@ class CostPolicy:
         reason = None
         if not prefill_pool:
             reason = "aggregated-cluster"
-        elif self.override is not None:
-            # a fixed threshold: split above it unless the prefill pool is saturated
-            if local_uncached < self.override:
-                reason = "below-threshold"
-            else:
-                remote_w = self._best(prefill_pool, request, matches, tier, scores)
-                remote_uncached = self._uncached(request, matches, tier, remote_w)
-                local_ttft = scores[local_w.worker_id]
-                if scores[remote_w.worker_id] > self.saturation_ratio * max(local_ttft, 1e-3):
-                    reason = "prefill-saturated"
+        elif self.override is not None and local_uncached < self.override:
+            reason = "below-threshold"
         else:
-            # per request: the prefill worker's TTFT against the decode worker's, whose prefill
-            # compute counts saturation_ratio times (see the module docstring)
             remote_w = self._best(prefill_pool, request, matches, tier, scores)
             remote_uncached = self._uncached(request, matches, tier, remote_w)
-            local_compute = self._compute_s(local_w, local_uncached)
-            local_cost = scores[local_w.worker_id] + (self.saturation_ratio - 1.0) * local_compute
-            if scores[remote_w.worker_id] >= local_cost:
-                reason = "local-faster"
+            remote_ttft, local_ttft = scores[remote_w.worker_id], scores[local_w.worker_id]
+            if self.override is not None:
+                # a fixed threshold: split above it unless the prefill pool is saturated
+                if remote_ttft > self.saturation_ratio * max(local_ttft, 1e-3):
+                    reason = "prefill-saturated"
+            else:
+                # per request: the prefill worker's TTFT against the decode worker's, whose
+                # prefill compute counts saturation_ratio times (see the module docstring)
+                local_compute = self._compute_s(local_w, local_uncached)
+                if remote_ttft >= local_ttft + (self.saturation_ratio - 1.0) * local_compute:
+                    reason = "local-faster"
         if reason is not None:
             self._claim(local_w, hashes, matches)
             return RoutingDecision(

@@ -122,6 +122,12 @@ def test_bad_settings_are_refused_with_the_field_named() -> None:
 # ------------------------------------------------------------------------------- live gate
 
 
+def busy_gate() -> tuple[WorkerState, AdmissionGate]:
+    """A gate in front of one worker with far more than its backlog queued: requests wait."""
+    state = worker(10**6)
+    return state, AdmissionGate(queue(), lambda: [state])
+
+
 def test_the_gate_routes_waiting_requests_as_load_goes_down_least_work_first() -> None:
     async def scenario() -> None:
         state = WorkerState(worker_id="w", address="a", prefill_tokens_per_s=1000.0)
@@ -164,10 +170,7 @@ def test_the_gate_routes_waiting_requests_as_load_goes_down_least_work_first() -
 
 def test_a_routing_error_reaches_the_waiting_request_and_the_queue_goes_on() -> None:
     async def scenario() -> None:
-        state = WorkerState(
-            worker_id="w", address="a", prefill_tokens_per_s=1000.0, queued_prefill_tokens=10**6
-        )
-        gate = AdmissionGate(queue(), lambda: [state])
+        state, gate = busy_gate()
 
         def fails() -> str:
             raise LookupError("no worker")
@@ -186,10 +189,7 @@ def test_a_routing_error_reaches_the_waiting_request_and_the_queue_goes_on() -> 
 
 def test_a_request_that_times_out_or_is_cancelled_leaves_the_queue() -> None:
     async def scenario() -> None:
-        state = WorkerState(
-            worker_id="w", address="a", prefill_tokens_per_s=1000.0, queued_prefill_tokens=10**6
-        )
-        gate = AdmissionGate(queue(), lambda: [state])
+        state, gate = busy_gate()
         never = []
         with pytest.raises(TimeoutError):
             await gate.enter(1.0, 0.05, lambda: never.append(1))
