@@ -123,6 +123,10 @@ class Simulator:
             if config.admission
             else None
         )
+        if self.admission is not None:
+            # the live router's wiring: the load account tells the queue when load goes down
+            for load in self.loads.values():
+                load.on_change = self._wake_admission
 
     # ------------------------------------------------------------------ plumbing for workers
     def _push(self, t: float, kind: int, a: int, b: int = 0) -> None:
@@ -176,7 +180,6 @@ class Simulator:
         """Every worker's LoadReport reaches the router's account (GetLoad, live)."""
         for w, state in zip(self.workers, self.states, strict=True):
             self.loads[state.worker_id].apply_report(w.report(now))
-        self._admit_waiting(now)
 
     def _arrive(self, job: Job, now: float) -> None:
         if job.req.input_tokens + job.req.output_tokens > self.max_model_len:
@@ -195,12 +198,12 @@ class Simulator:
                 return  # held at the router; ``_admit_waiting`` routes it when a worker has room
         self._route(job, now)
 
-    def _wake_admission(self, now: float) -> None:
-        """Load went down: let held requests in once the current event is done (not from inside
-        a worker's own ``advance``)."""
+    def _wake_admission(self) -> None:
+        """Load went down (``WorkerLoad.on_change``): let held requests in once the current
+        event is done, not from inside a worker's own ``advance``."""
         if self.admission is not None and len(self.admission) and not self._admit_pending:
             self._admit_pending = True
-            self._push(now, _ADMIT, 0)
+            self._push(self.now, _ADMIT, 0)
 
     def _admit_waiting(self, now: float) -> None:
         """Route held requests while a worker has room (after every change of load)."""
@@ -259,7 +262,6 @@ class Simulator:
         self._tier_store(job.req.block_hashes)
         assert job.decision is not None
         job.ticket.first_token()
-        self._wake_admission(now)
         if job.decision.prefill is None:
             worker.admit_decode(job, now)
             return
